@@ -1,0 +1,95 @@
+"""The fedtune ClientApp: message in -> local LoRA training on the cached base model -> reply out.
+
+The server ships the resolved experiment config (TOML) in every train message, so the
+same ClientApp serves Ray simulations and real SuperNodes without local configuration.
+A node's client id is its ``partition-id`` node config (set by Flower's simulation engine,
+or ``--node-config "partition-id=3 num-partitions=20"`` on a SuperNode). The base model,
+the corpus and the client's tokenised partition are loaded once per process and reused.
+Any failure is returned as an error reply naming its cause, so the round goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import traceback
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.config import ExperimentConfig, config_from_dict
+from fedtune.data import cached_federated_data
+from fedtune.models import cached_base_model
+from fedtune.records import factors_to_record, record_to_state
+from fedtune.training import Tokenized, tokenize, train_local
+
+__all__ = ["app", "client_id_of"]
+
+LOG = logging.getLogger("fedtune.client")
+CLIENT_APP_RAISED_EXCEPTION = 1  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+app = ClientApp()
+
+
+def client_id_of(context: Context) -> int:
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
+@functools.lru_cache(maxsize=8)
+def _experiment(text: str) -> ExperimentConfig:
+    import tomllib
+
+    return config_from_dict(tomllib.loads(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _client_data(experiment_toml: str, client_id: int) -> Tokenized:
+    cfg = _experiment(experiment_toml)
+    fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
+    base = cached_base_model(cfg.model, cfg.seed)
+    return tokenize(fed.partition(client_id), base.tokenizer, cfg.model.task, cfg.model.max_length)
+
+
+def _error_reply(msg: Message, client_id: int, exc: BaseException) -> Message:
+    LOG.error("client %d failed:\n%s", client_id, traceback.format_exc())
+    reason = f"client {client_id}: {type(exc).__name__}: {exc}"
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"client-id": client_id_of(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    client_id = client_id_of(context)
+    try:
+        t0 = time.perf_counter()
+        config = msg.content["config"]
+        experiment_toml = str(config["experiment"])
+        cfg = _experiment(experiment_toml)
+        torch.set_num_threads(cfg.train.num_threads)
+        if "client-id" in config and int(config["client-id"]) != client_id:
+            raise ValueError(f"message addressed to client {config['client-id']}, this node is {client_id}")
+        server_round, rank = int(config["server-round"]), int(config["rank"])
+        base = cached_base_model(cfg.model, cfg.seed)
+        data = _client_data(experiment_toml, client_id)
+        state = record_to_state(msg.content["arrays"])
+        seed = cfg.seed * 1_000_003 + server_round * 10_007 + client_id
+        result = train_local(base, state, rank, data, cfg, train_a=bool(config.get("train-a", True)), seed=seed)
+        metrics = MetricRecord({
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "train-time-s": result.train_time_s,
+            "handle-time-s": time.perf_counter() - t0,
+            "steps": result.steps,
+            "rank": rank,
+            "client-id": client_id,
+        })
+        content = RecordDict({"arrays": factors_to_record(result.factors, result.head), "metrics": metrics})
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - a crashed client must not crash the round
+        return _error_reply(msg, client_id, exc)

@@ -1,0 +1,320 @@
+"""Typed, validated experiment configuration.
+
+An experiment is one TOML file (see ``simulations/default.toml``) plus ``KEY=VALUE``
+overrides. It is parsed once, at the app boundary, into frozen dataclasses; library code
+never sees raw dicts. Every key is checked: an unknown key, a wrong type or a bad value
+raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "LoraSettings",
+    "DataConfig",
+    "TrainConfig",
+    "FederationConfig",
+    "SimulationConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_toml",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+TASKS = ("classification", "causal-lm")
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm"  # packaged name (minilm, smollm2-135m, tiny-bert, tiny-llama), HF id or path
+    task: str = "classification"  # "classification" (accuracy) or "causal-lm" (loss, perplexity)
+    num_labels: int = 2  # classification only
+    max_length: int = 64  # tokens per example after truncation
+    quantization: str = "none"  # "none" | "nf4" | "int8" (bitsandbytes)
+    head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])
+
+    def __post_init__(self) -> None:
+        _one_of("model.task", self.task, TASKS)
+        _one_of("model.quantization", self.quantization, QUANTIZATIONS)
+        _positive("model.max_length", self.max_length)
+        if self.task == "classification" and self.num_labels < 2:
+            raise ConfigError(f"model.num_labels: must be >= 2, got {self.num_labels}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])  # client i gets ranks[i % len]
+    rank_overrides: dict[str, int] = field(default_factory=dict)  # client id -> rank
+    alpha: float = 16.0  # peft lora_alpha; the scale is alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # [] = per architecture (query/value, q_proj/v_proj)
+
+    def __post_init__(self) -> None:
+        if not self.ranks:
+            raise ConfigError("lora.ranks: must list at least one rank")
+        for r in [*self.ranks, *self.rank_overrides.values()]:
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"lora.ranks: every rank must be a positive integer, got {r!r}")
+        for key in self.rank_overrides:
+            if not key.isdigit():
+                raise ConfigError(f"lora.rank_overrides: key {key!r} is not a client id (integer)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+
+    def rank_for(self, client_id: int) -> int:
+        """Static rank assignment: an override, else the ranks list cycled by client id."""
+        return self.rank_overrides.get(str(client_id), self.ranks[client_id % len(self.ranks)])
+
+    @property
+    def max_rank(self) -> int:
+        return max([*self.ranks, *self.rank_overrides.values()])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "rotten-tomatoes"  # packaged name, path to .jsonl/.csv, or "hf:<name>"
+    text_key: str = "text"  # for files and HF datasets
+    label_key: str = "label"  # for files and HF datasets (classification)
+    split: str = "train"  # HF datasets only
+    partitioner: str = "dirichlet"  # any flwr-datasets partitioner (iid, dirichlet, natural-id, ...)
+    partition_by: str = "label"  # column for label skew or natural ids
+    partitioner_args: dict[str, Any] = field(default_factory=dict)  # extra kwargs, e.g. alpha
+    eval_size: int = 400  # held-out server evaluation examples
+    max_examples: int = 0  # cap on the whole corpus before the split; 0 = all
+
+    def __post_init__(self) -> None:
+        _positive("data.eval_size", self.eval_size)
+        if self.max_examples < 0:
+            raise ConfigError(f"data.max_examples: must be >= 0, got {self.max_examples}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 10  # optimizer steps per client per round
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+    num_threads: int = 1  # torch threads per client (match simulation.num_cpus_per_client)
+
+    def __post_init__(self) -> None:
+        _positive("train.local_steps", self.local_steps)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.eval_batch_size", self.eval_batch_size)
+        _positive("train.num_threads", self.num_threads)
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate: must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_clients: int = 20
+    num_rounds: int = 12
+    clients_per_round: int = 0  # a number of clients; 0 means use fraction_train
+    fraction_train: float = 0.3  # fraction of available clients sampled per round
+    min_clients: int = 2  # never sample fewer than this
+    strategy: str = "hetlora"  # registry name, "module:Class" or "path/file.py:Class"
+    strategy_args: dict[str, Any] = field(default_factory=dict)  # kwargs for the strategy
+    round_timeout_s: float = 3600.0
+    evaluate_every: int = 1  # server-side evaluation period in rounds
+
+    def __post_init__(self) -> None:
+        _positive("federation.num_clients", self.num_clients)
+        if self.num_rounds < 0:
+            raise ConfigError(f"federation.num_rounds: must be >= 0, got {self.num_rounds}")
+        if self.clients_per_round < 0 or self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"federation.clients_per_round: must be in [0, num_clients={self.num_clients}],"
+                f" got {self.clients_per_round}"
+            )
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"federation.fraction_train: must be in (0, 1], got {self.fraction_train}")
+        _positive("federation.min_clients", self.min_clients)
+        _positive("federation.evaluate_every", self.evaluate_every)
+
+    def sample_size(self, available: int) -> int:
+        n = self.clients_per_round or int(available * self.fraction_train)
+        return min(available, max(n, self.min_clients))
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    backend: str = "ray"
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    ray_tmpdir: str = "/tmp/fedtune-ray"  # keep short: Ray's socket path must stay < 107 bytes
+
+    def __post_init__(self) -> None:
+        if self.num_cpus_per_client <= 0:
+            raise ConfigError(f"simulation.num_cpus_per_client: must be > 0, got {self.num_cpus_per_client}")
+        if self.num_gpus_per_client < 0:
+            raise ConfigError(f"simulation.num_gpus_per_client: must be >= 0, got {self.num_gpus_per_client}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        if self.federation.min_clients > self.federation.num_clients:
+            raise ConfigError(
+                f"federation.min_clients: {self.federation.min_clients} exceeds"
+                f" federation.num_clients={self.federation.num_clients}"
+            )
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return {str(k): _check_value(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")  # pragma: no cover
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {dotted!r} (known keys here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _check_value(dotted, value, tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _set_dotted(table: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = table
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``KEY=VALUE`` strings; VALUE is read as TOML, else taken as a bare string."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {pair!r}: empty key")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out.append((key, value))
+    return out
+
+
+def config_from_dict(table: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    table = _deep_copy(table)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(table, key, value)
+    return _build(ExperimentConfig, table, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment from a TOML file (or the defaults) and apply overrides."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            table = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: invalid TOML: {exc}") from exc
+    return config_from_dict(table, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg: ExperimentConfig) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def _deep_copy(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in table.items()}

@@ -1,0 +1,93 @@
+"""Export the global model: a standard PEFT adapter directory and resumable checkpoints.
+
+The PEFT adapter holds the trainable global adapter and any frozen (FLoRA) part as one
+LoRA of rank ``R = r_adapter + r_frozen`` (concatenated factors: exact), with
+``lora_alpha = R`` so peft's scale is 1 and ``lora_B`` is fedtune's B. For classification
+the task head is saved as ``modules_to_save``. Load it with::
+
+    peft.PeftModel.from_pretrained(base_model, run_dir + "/adapter")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedtune.adapters import Factors, GlobalAdapter
+from fedtune.config import ExperimentConfig
+from fedtune.models import default_target_modules, load_base_model, load_factors
+
+__all__ = ["combined_factors", "save_peft_adapter", "save_checkpoint", "load_checkpoint"]
+
+
+def combined_factors(state: GlobalAdapter) -> Factors:
+    """adapter + frozen as one LoRA: ``[B_a, B_f] [A_a; A_f] = B_a A_a + B_f A_f``."""
+    out: Factors = {}
+    for m in sorted(set(state.adapter) | set(state.frozen)):
+        parts = [p[m] for p in (state.adapter, state.frozen) if m in p]
+        out[m] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
+    return out
+
+
+def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -> Path:
+    """Write ``path`` as a PEFT LoRA adapter directory (adapter_config.json + safetensors)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    base = load_base_model(cfg.model, cfg.seed)  # a fresh copy: export wraps the head
+    factors = combined_factors(state)
+    rank = next(iter(factors.values()))[0].shape[0]
+    head_modules = sorted({n.rsplit(".", 1)[0] for n in base.head_names})
+    targets = list(cfg.lora.target_modules) or default_target_modules(base.architecture)
+    task = TaskType.SEQ_CLS if cfg.model.task == "classification" else TaskType.CAUSAL_LM
+    peft_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type=task,
+                          modules_to_save=head_modules or None)
+    peft_model = get_peft_model(base.model, peft_cfg)
+    load_factors(peft_model, factors)
+    if state.head:
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, t in state.head.items():
+                module, leaf = name.rsplit(".", 1)
+                key = next(k for k in params if k.endswith(f"{module}.modules_to_save.default.{leaf}"))
+                params[key].copy_(t)
+    path.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def save_checkpoint(state: GlobalAdapter, server_round: int, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Atomically write the server state after ``server_round`` (safetensors + JSON)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, part in (("adapter", state.adapter), ("frozen", state.frozen)):
+        for m, (a, b) in part.items():
+            tensors[f"{kind}::{m}::A"] = a.contiguous()
+            tensors[f"{kind}::{m}::B"] = b.contiguous()
+    for n, t in state.head.items():
+        tensors[f"head::{n}"] = t.contiguous()
+    tmp = path / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(path / "state.safetensors")
+    meta = {"round": server_round, **(extra or {})}
+    (path / "meta.json.tmp").write_text(json.dumps(meta))
+    (path / "meta.json.tmp").replace(path / "meta.json")
+
+
+def load_checkpoint(path: Path) -> tuple[GlobalAdapter, dict[str, Any]]:
+    meta = json.loads((path / "meta.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    state = GlobalAdapter()
+    pieces: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        parts = key.split("::")
+        if parts[0] == "head":
+            state.head[parts[1]] = t
+        else:
+            pieces.setdefault((parts[0], parts[1]), {})[parts[2]] = t
+    for (kind, m), ab in pieces.items():
+        getattr(state, kind)[m] = (ab["A"], ab["B"])
+    return state, meta

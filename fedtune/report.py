@@ -1,0 +1,111 @@
+"""Run outputs: ``metrics.jsonl`` (one JSON object per round), ``summary.json`` and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsWriter", "read_metrics", "summarize", "plot_metrics", "format_progress"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON line per round; on resume, keeps only rounds up to the checkpoint."""
+
+    def __init__(self, path: Path, keep_up_to_round: int | None = None) -> None:
+        self.path = path
+        if keep_up_to_round is None:
+            path.write_text("")
+        else:
+            kept = [r for r in read_metrics(path) if r["round"] <= keep_up_to_round] if path.exists() else []
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(_clean(record)) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    first, last = records[0], records[-1]
+    metric = "eval_accuracy" if "eval_accuracy" in first else "eval_perplexity"
+    evals = [r for r in records if r.get(metric) is not None]
+    out = {
+        "rounds": last["round"],
+        "metric": metric,
+        f"initial_{metric}": first.get(metric),
+        f"final_{metric}": evals[-1].get(metric) if evals else None,
+        "initial_eval_loss": first.get("eval_loss"),
+        "final_eval_loss": evals[-1].get("eval_loss") if evals else None,
+        "wall_time_s": last["wall_time_s"],
+        "bytes_up": sum(r.get("bytes_up", 0) for r in records),
+        "bytes_down": sum(r.get("bytes_down", 0) for r in records),
+        "client_rounds_ok": sum(sum(c["status"] == "ok" for c in r.get("clients", [])) for r in records),
+        "client_rounds_failed": sum(sum(c["status"] != "ok" for c in r.get("clients", [])) for r in records),
+    }
+    if metric == "eval_accuracy" and evals:
+        out["best_eval_accuracy"] = max(r[metric] for r in evals)
+        out["accuracy_gain"] = out[f"final_{metric}"] - out[f"initial_{metric}"]
+    out.update(extra)
+    return _clean(out)
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Eval metric and mean client train loss per round, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib comes with flwr-datasets
+        return None
+    metric = "eval_accuracy" if "eval_accuracy" in records[0] else "eval_perplexity"
+    ev = [(r["round"], r[metric]) for r in records if r.get(metric) is not None]
+    tl = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if ev:
+        axes[0].plot(*zip(*ev), marker="o")
+    axes[0].set(xlabel="round", ylabel=metric.replace("_", " "), title="server held-out evaluation")
+    if tl:
+        axes[1].plot(*zip(*tl), marker="o", color="tab:orange")
+    axes[1].set(xlabel="round", ylabel="train loss", title="mean client train loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_progress(record: dict[str, Any], num_rounds: int) -> str:
+    clients = record.get("clients", [])
+    ok = sum(c["status"] == "ok" for c in clients)
+    parts = [f"round {record['round']:>3}/{num_rounds}"]
+    if record["round"] > 0:
+        parts.append(f"clients {ok}/{len(clients)} ok")
+        if record.get("train_loss") is not None:
+            parts.append(f"train_loss {record['train_loss']:.4f}")
+    if record.get("eval_loss") is not None:
+        parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    if record.get("eval_accuracy") is not None:
+        parts.append(f"accuracy {record['eval_accuracy']:.4f}")
+    if record.get("eval_perplexity") is not None:
+        parts.append(f"perplexity {record['eval_perplexity']:.2f}")
+    parts.append(f"elapsed {record['wall_time_s']:.1f}s")
+    return " | ".join(parts)

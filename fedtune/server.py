@@ -1,0 +1,109 @@
+"""The server's round loop, shared by ``fedtune simulate`` and ``flwr run``.
+
+Per round: the strategy samples clients and sends each its rank-projected adapter
+(``configure_train``), replies are validated and aggregated (``aggregate_train``), the
+global adapter is evaluated on the held-out set, one JSON line is appended to
+``metrics.jsonl`` and a checkpoint is written (a stopped server resumes from it).
+At the end the global adapter is exported in PEFT format to ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from fedtune.config import ExperimentConfig, config_to_toml
+from fedtune.data import cached_federated_data
+from fedtune.export import load_checkpoint, save_checkpoint, save_peft_adapter
+from fedtune.models import cached_base_model
+from fedtune.records import state_to_record, record_to_state
+from fedtune.report import MetricsWriter, format_progress, plot_metrics, read_metrics, summarize
+from fedtune.training import evaluate_global, head_state, lora_shapes, tokenize
+
+__all__ = ["run_server"]
+
+LOG = logging.getLogger("fedtune.server")
+
+
+def _say(line: str) -> None:
+    print(f"[fedtune] {line}", file=sys.stdout, flush=True)
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False,
+               strategy: Any = None) -> dict[str, Any]:
+    """Run ``cfg.federation.num_rounds`` rounds on ``grid``; write outputs to ``out_dir``."""
+    from strategies.registry import build_strategy  # strategies depend on fedtune, not the reverse
+
+    t_start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(config_to_toml(cfg))
+    torch.manual_seed(cfg.seed)
+
+    strategy = strategy or build_strategy(cfg)
+    base = cached_base_model(cfg.model, cfg.seed)
+    fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
+    eval_data = tokenize(fed.eval, base.tokenizer, cfg.model.task, cfg.model.max_length)
+
+    ckpt_dir = out_dir / "checkpoint"
+    start_round, elapsed_before = 0, 0.0
+    if resume and (ckpt_dir / "meta.json").is_file():
+        state, meta = load_checkpoint(ckpt_dir)
+        start_round, elapsed_before = int(meta["round"]), float(meta.get("wall_time_s", 0.0))
+        _say(f"resuming from checkpoint after round {start_round}")
+    else:
+        state = strategy.initial_state(lora_shapes(base, cfg), head_state(base))
+    strategy.set_state(state)
+    writer = MetricsWriter(out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
+    experiment_toml = config_to_toml(cfg)
+    num_rounds = cfg.federation.num_rounds
+    _say(f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}, {cfg.federation.num_clients} clients,"
+         f" strategy {type(strategy).__name__}, ranks {sorted(set(cfg.lora.ranks))}, {num_rounds} rounds -> {out_dir}")
+
+    def elapsed() -> float:
+        return round(elapsed_before + time.time() - t_start, 3)
+
+    if start_round == 0:
+        rec = {"round": 0, "wall_time_s": 0.0, **evaluate_global(base, state, eval_data, cfg),
+               "bytes_up": 0, "bytes_down": 0, "clients": []}
+        rec["wall_time_s"] = elapsed()
+        writer.write(rec)
+        _say(format_progress(rec, num_rounds))
+
+    arrays = state_to_record(state)
+    for rnd in range(start_round + 1, num_rounds + 1):
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord({"experiment": experiment_toml}), grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s)
+        new_arrays, agg = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        state = record_to_state(arrays)
+        rec = {"round": rnd, "wall_time_s": 0.0}
+        if rnd % cfg.federation.evaluate_every == 0 or rnd == num_rounds:
+            rec.update(evaluate_global(base, state, eval_data, cfg))
+        rec["train_loss"] = float(agg["train-loss"]) if agg is not None else None
+        rec.update(strategy.round_bytes.get(rnd, {"bytes_up": 0, "bytes_down": 0}))
+        rec["clients"] = strategy.round_clients.get(rnd, [])
+        rec["wall_time_s"] = elapsed()
+        writer.write(rec)
+        save_checkpoint(state, rnd, ckpt_dir, {"wall_time_s": rec["wall_time_s"]})
+        _say(format_progress(rec, num_rounds))
+
+    adapter_dir = save_peft_adapter(state, cfg, out_dir / "adapter")
+    records = read_metrics(out_dir / "metrics.jsonl")
+    plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.name}: {type(strategy).__name__}")
+    summary = summarize(records, {
+        "name": cfg.name, "strategy": type(strategy).__name__, "model": cfg.model.name,
+        "dataset": cfg.data.dataset, "num_clients": cfg.federation.num_clients,
+        "adapter_dir": str(adapter_dir), "plot": str(plot) if plot else None,
+    })
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _say(f"done in {summary['wall_time_s']:.1f}s; summary: {out_dir / 'summary.json'}")
+    return summary

@@ -1,0 +1,191 @@
+"""Local LoRA training on a client and evaluation of a global adapter.
+
+Both run on the process-wide cached base model: LoRA layers of the requested rank are
+injected, loaded from fedtune factors (:mod:`fedtune.adapters` conventions), used, read
+back and removed, so one worker serves any number of clients of any rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune.adapters import Factors, GlobalAdapter, adapter_rank
+from fedtune.config import ExperimentConfig
+from fedtune.models import (
+    BaseModel,
+    add_frozen_delta,
+    attach_lora,
+    detach_lora,
+    load_factors,
+    module_shapes,
+    read_factors,
+)
+
+__all__ = ["Tokenized", "tokenize", "batches", "LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
+
+
+@dataclass
+class Tokenized:
+    """Pre-tokenised examples: variable-length token id lists and (optional) labels."""
+
+    input_ids: list[list[int]]
+    labels: list[int] | None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize(ds: Any, tokenizer: Any, task: str, max_length: int) -> Tokenized:
+    enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
+    labels = list(ds["label"]) if task == "classification" else None
+    return Tokenized(input_ids=[list(x) for x in enc["input_ids"]], labels=labels)
+
+
+def _collate(data: Tokenized, idx: list[int], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    width = max(len(data.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        seq = data.input_ids[i]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "classification":
+        assert data.labels is not None
+        batch["labels"] = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
+    else:
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batch
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[list[int]]:
+    """``steps`` minibatches drawn epoch by epoch from a seeded permutation of ``range(n)``."""
+    out: list[list[int]] = []
+    perm: list[int] = []
+    while len(out) < steps:
+        if len(perm) < min(batch_size, n):
+            perm += torch.randperm(n, generator=generator).tolist()
+        out.append(perm[:batch_size])
+        perm = perm[batch_size:]
+    return out
+
+
+@dataclass
+class LocalResult:
+    factors: Factors
+    head: dict[str, torch.Tensor]
+    train_loss: float  # mean loss over the local steps
+    num_examples: int
+    train_time_s: float  # wall time of the local steps (excludes message handling)
+    steps: int
+
+
+def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
+    peft_model = attach_lora(base, rank, cfg.lora)
+    try:
+        if state.adapter:
+            load_factors(peft_model, state.adapter)
+        params = dict(peft_model.base_model.model.named_parameters())
+        with torch.no_grad():
+            for name, t in state.head.items():
+                if name not in params:
+                    raise KeyError(f"head tensor {name!r} is not a parameter of the base model")
+                params[name].copy_(t)
+        handles = add_frozen_delta(peft_model, state.frozen) if state.frozen else []
+    except Exception:
+        detach_lora(peft_model, base)
+        raise
+    return peft_model, handles
+
+
+def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: ExperimentConfig,
+                *, train_a: bool = True, seed: int = 0) -> LocalResult:
+    """Train a rank-``rank`` adapter started from ``state`` for ``cfg.train.local_steps`` steps."""
+    if len(data) == 0:
+        raise ValueError("client has no training examples")
+    if state.adapter and adapter_rank(state.adapter) != rank:
+        raise ValueError(f"payload adapter rank {adapter_rank(state.adapter)} != assigned rank {rank}")
+    peft_model, handles = _prepare(base, state, rank, cfg)
+    try:
+        inner = peft_model.base_model.model
+        trainable = []
+        for name, p in inner.named_parameters():
+            is_a, is_b = ".lora_A." in name, ".lora_B." in name
+            train = (is_a and train_a) or is_b or name in base.head_names
+            p.requires_grad_(train)
+            if train:
+                trainable.append(p)
+        opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        pad_id = base.tokenizer.pad_token_id
+        peft_model.train()
+        losses = []
+        t0 = time.perf_counter()
+        for idx in batches(len(data), cfg.train.batch_size, cfg.train.local_steps, gen):
+            batch = _collate(data, idx, pad_id, base.config.task)
+            loss = peft_model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        elapsed = time.perf_counter() - t0
+        factors = read_factors(peft_model)
+        head = {n: p.detach().float().clone() for n, p in inner.named_parameters() if n in base.head_names}
+    finally:
+        for h in handles:
+            h.remove()
+        peft_model.eval()
+        detach_lora(peft_model, base)
+    return LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),
+                       train_time_s=elapsed, steps=len(losses))
+
+
+@torch.no_grad()
+def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: ExperimentConfig) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal LM) of a global state."""
+    rank = adapter_rank(state.adapter) or 1
+    peft_model, handles = _prepare(base, state, rank, cfg)
+    try:
+        peft_model.eval()
+        pad_id = base.tokenizer.pad_token_id
+        total_loss, total_tokens, correct = 0.0, 0, 0
+        bs = cfg.train.eval_batch_size
+        for start in range(0, len(data), bs):
+            idx = list(range(start, min(start + bs, len(data))))
+            batch = _collate(data, idx, pad_id, base.config.task)
+            out = peft_model(**batch)
+            if base.config.task == "classification":
+                total_loss += float(out.loss) * len(idx)
+                total_tokens += len(idx)
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                n_tok = int((batch["labels"][:, 1:] != -100).sum())
+                total_loss += float(out.loss) * n_tok
+                total_tokens += n_tok
+    finally:
+        for h in handles:
+            h.remove()
+        detach_lora(peft_model, base)
+    loss = total_loss / max(total_tokens, 1)
+    if base.config.task == "classification":
+        return {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def lora_shapes(base: BaseModel, cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every module LoRA targets in this base model."""
+    peft_model = attach_lora(base, 1, cfg.lora)
+    try:
+        return module_shapes(peft_model)
+    finally:
+        detach_lora(peft_model, base)
+
+
+def head_state(base: BaseModel) -> dict[str, torch.Tensor]:
+    params = dict(base.model.named_parameters())
+    return {n: params[n].detach().float().clone() for n in base.head_names}

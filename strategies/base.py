@@ -1,0 +1,294 @@
+"""The LoRA strategy base: a Flower ``Strategy`` that federates low-rank adapters.
+
+A subclass overrides one pure method, :meth:`LoraStrategy.aggregate_adapters`, which
+maps the round's client updates (each at its own rank) to the new global adapter. All
+Flower plumbing lives here: per-node messages with each client's rank-projected adapter,
+seeded client sampling, decoding and validating replies (malformed, wrongly shaped or
+non-finite updates are rejected with the reason logged; a crashed client is recorded as
+failed and the round goes on), task-head averaging and per-client bookkeeping that the
+server writes to ``metrics.jsonl``.
+
+Adapter conventions are those of :mod:`fedtune.adapters` (``delta_W = B @ A``, scale
+folded into B).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedtune.adapters import (
+    ClientUpdate,
+    Factors,
+    GlobalAdapter,
+    init_factors,
+    is_finite_adapter,
+    truncate_factors,
+)
+from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.records import RecordError, record_to_factors, record_to_state, state_to_record
+
+__all__ = ["LoraStrategy", "weighted_head_average"]
+
+
+def weighted_head_average(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """Average task-head tensors weighted by ``num_examples`` (FedAvg)."""
+    if not updates or not updates[0].head:
+        return {}
+    total = float(sum(u.num_examples for u in updates))
+    return {
+        name: sum(u.head[name] * (u.num_examples / total) for u in updates)  # type: ignore[misc]
+        for name in updates[0].head
+    }
+
+
+class LoraStrategy(Strategy):
+    """Base of every fedtune aggregation rule.
+
+    Parameters
+    ----------
+    experiment:
+        The validated experiment config (ranks, sampling, seed).
+    global_rank:
+        Rank of the global adapter; defaults to the largest client rank.
+    **options:
+        Subclass options; anything left over is an error naming the key.
+    """
+
+    #: registry name (set by subclasses)
+    name: str = "lora-base"
+    #: whether clients train A (False for FFA-LoRA, which freezes it)
+    trains_a: bool = True
+
+    def __init__(self, experiment: ExperimentConfig, *, global_rank: int | None = None, **options: Any) -> None:
+        if options:
+            key = sorted(options)[0]
+            raise ConfigError(
+                f"federation.strategy_args.{key}: unknown option for strategy {type(self).__name__!r}"
+            )
+        self.experiment = experiment
+        self.global_rank = int(global_rank or experiment.lora.max_rank)
+        if self.global_rank < 1:
+            raise ConfigError(f"federation.strategy_args.global_rank: must be >= 1, got {global_rank}")
+        self.node_clients: dict[int, int] = {}  # node id -> client id (partition id)
+        self.current: GlobalAdapter | None = None
+        self.module_shapes: dict[str, tuple[int, int]] = {}  # module -> (out, in)
+        self.head_shapes: dict[str, tuple[int, ...]] = {}
+        self.round_clients: dict[int, list[dict[str, Any]]] = {}  # per-round client records
+        self.round_bytes: dict[int, dict[str, int]] = {}
+        self._sent: dict[int, tuple[int, int, float]] = {}  # node -> (client id, rank, send time)
+
+    # ------------------------------------------------------------------ the hook to override
+
+    def aggregate_adapters(self, updates: list[ClientUpdate], current: GlobalAdapter) -> Factors:
+        """Map this round's client adapters (each at its own rank) to the new global adapter.
+
+        ``updates`` holds only validated replies. Return factors at ``self.global_rank``.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks with defaults
+
+    def aggregate(self, updates: list[ClientUpdate], current: GlobalAdapter) -> GlobalAdapter:
+        """Full new server state. Default: :meth:`aggregate_adapters` + FedAvg of the head."""
+        return GlobalAdapter(
+            adapter=self.aggregate_adapters(updates, current),
+            frozen=current.frozen,
+            head=weighted_head_average(updates) or current.head,
+        )
+
+    def initial_state(self, shapes: dict[str, tuple[int, int]], head: dict[str, torch.Tensor]) -> GlobalAdapter:
+        """The round-0 global model: peft's LoRA init at the global rank (B = 0), and the head."""
+        gen = torch.Generator().manual_seed(self.experiment.seed)
+        return GlobalAdapter(adapter=init_factors(shapes, self.global_rank, gen), head=dict(head))
+
+    def rank_for(self, client_id: int, server_round: int) -> int:
+        """The LoRA rank a client trains at this round (static: from the config)."""
+        return self.experiment.lora.rank_for(client_id)
+
+    def client_payload(self, state: GlobalAdapter, client_id: int, rank: int) -> GlobalAdapter:
+        """What one client receives: the global adapter projected to its rank (truncation)."""
+        adapter = {m: truncate_factors(a, b, rank) for m, (a, b) in state.adapter.items()}
+        return GlobalAdapter(adapter=adapter, frozen=state.frozen, head=state.head)
+
+    # ------------------------------------------------------------------ Flower Strategy API
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s (fedtune LoRA strategy)", type(self).__name__)
+        log(INFO, "\t│\t├── global rank: %d, trains A: %s", self.global_rank, self.trains_a)
+        fed = self.experiment.federation
+        log(INFO, "\t│\t└── sampling: %s per round", fed.clients_per_round or f"{fed.fraction_train:.0%}")
+
+    def set_state(self, state: GlobalAdapter) -> None:
+        self.current = state
+        self.module_shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in state.adapter.items()}
+        self.head_shapes = {k: tuple(v.shape) for k, v in state.head.items()}
+
+    def discover_clients(self, grid: Grid, timeout: float = 120.0) -> dict[int, int]:
+        """Ask unmapped nodes for their client (partition) id with a QUERY message."""
+        todo = [n for n in grid.get_node_ids() if n not in self.node_clients]
+        if not todo:
+            return self.node_clients
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({"query": "identify"})}),
+                    dst_node_id=n, message_type=MessageType.QUERY)
+            for n in todo
+        ]
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
+                continue
+            self.node_clients[node] = int(reply.content["config"]["client-id"])
+        for i, n in enumerate(sorted(todo)):  # fallback for nodes that did not answer
+            self.node_clients.setdefault(n, 10_000 + i)
+        return self.node_clients
+
+    def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Seeded sampling: the same config and seed sample the same clients each round."""
+        fed = self.experiment.federation
+        deadline = time.time() + fed.round_timeout_s
+        while len(nodes := list(grid.get_node_ids())) < fed.min_clients:
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(nodes)} nodes connected, need federation.min_clients={fed.min_clients}")
+            log(INFO, "waiting for nodes: %d connected, need %d", len(nodes), fed.min_clients)
+            time.sleep(1.0)
+        self.discover_clients(grid)
+        nodes = sorted(nodes, key=lambda n: self.node_clients[n])
+        rng = random.Random(self.experiment.seed * 1_000_003 + server_round)
+        chosen = rng.sample(nodes, fed.sample_size(len(nodes)))
+        return sorted(chosen, key=lambda n: self.node_clients[n])
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        state = record_to_state(arrays)
+        self.set_state(state)
+        messages = []
+        self._sent = {}
+        bytes_down = 0
+        for node in self.sample_nodes(grid, server_round):
+            client_id = self.node_clients[node]
+            rank = self.rank_for(client_id, server_round)
+            payload = state_to_record(self.client_payload(state, client_id, rank))
+            cfg = ConfigRecord(dict(config))
+            cfg.update({
+                "server-round": server_round, "client-id": client_id, "rank": rank,
+                "train-a": self.trains_a,
+            })
+            bytes_down += payload.count_bytes()
+            messages.append(Message(RecordDict({"arrays": payload, "config": cfg}),
+                                    dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+            self._sent[node] = (client_id, rank, time.time())
+        self.round_bytes[server_round] = {"bytes_down": bytes_down, "bytes_up": 0}
+        log(INFO, "configure_train: round %d, %d clients, ranks %s", server_round, len(messages),
+            sorted({r for _, r, _ in self._sent.values()}))
+        return messages
+
+    def decode_reply(self, reply: Message) -> ClientUpdate:
+        """Decode and validate one reply; raises ValueError with the reason to reject it."""
+        node = reply.metadata.src_node_id
+        client_id, rank, _ = self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
+        if "arrays" not in reply.content.array_records or "metrics" not in reply.content.metric_records:
+            raise ValueError("reply lacks the 'arrays' or 'metrics' record")
+        factors, head = record_to_factors(reply.content["arrays"])
+        metrics = dict(reply.content["metrics"])
+        expected = set(self.current.adapter) if self.current else set()
+        if set(factors) != expected:
+            missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
+            raise ValueError(f"adapter modules differ from the global adapter's (missing {missing[:2]}, extra {extra[:2]})")
+        for m, (a, b) in factors.items():
+            out_f, in_f = self.module_shapes[m]
+            if a.shape != (rank, in_f) or b.shape != (out_f, rank):
+                raise ValueError(
+                    f"{m}: A {tuple(a.shape)}, B {tuple(b.shape)}; expected ({rank}, {in_f}) and ({out_f}, {rank})"
+                )
+        if set(head) != set(self.head_shapes) or any(tuple(head[k].shape) != self.head_shapes[k] for k in head):
+            raise ValueError("task head tensors differ in names or shapes from the global head")
+        bad = is_finite_adapter(factors, head)
+        if bad is not None:
+            raise ValueError(f"non-finite values in {bad}")
+        n = int(metrics.get("num-examples", 0))
+        if n <= 0:
+            raise ValueError(f"num-examples must be positive, got {n}")
+        loss = float(metrics.get("train-loss", math.nan))
+        return ClientUpdate(client_id=client_id, rank=rank, factors=factors, head=head, num_examples=n,
+                            train_loss=loss, metrics={k: float(v) for k, v in metrics.items()
+                                                      if isinstance(v, (int, float))})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        updates: list[ClientUpdate] = []
+        records: list[dict[str, Any]] = []
+        bytes_up = 0
+        seen = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            seen.add(node)
+            client_id, rank, sent_at = self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
+            rec: dict[str, Any] = {"client_id": client_id, "node_id": node, "rank": rank}
+            if reply.has_error():
+                rec.update(status="failed", reason=str(reply.error.reason))
+                log(WARNING, "round %d: client %d failed: %s", server_round, client_id, reply.error.reason)
+                records.append(rec)
+                continue
+            try:
+                if "arrays" in reply.content.array_records:
+                    bytes_up += reply.content["arrays"].count_bytes()
+                update = self.decode_reply(reply)
+            except (ValueError, RecordError, KeyError, TypeError) as exc:
+                rec.update(status="rejected", reason=str(exc))
+                log(WARNING, "round %d: rejected update of client %d: %s", server_round, client_id, exc)
+                records.append(rec)
+                continue
+            rec.update(status="ok", train_loss=update.train_loss, num_examples=update.num_examples,
+                       train_time_s=update.metrics.get("train-time-s", math.nan),
+                       reply_s=round(time.time() - sent_at, 3))
+            updates.append(update)
+            records.append(rec)
+        for node, (client_id, rank, _) in self._sent.items():
+            if node not in seen:
+                records.append({"client_id": client_id, "node_id": node, "rank": rank,
+                                "status": "failed", "reason": "no reply before the round timeout"})
+        self.round_clients[server_round] = sorted(records, key=lambda r: r["client_id"])
+        self.round_bytes.setdefault(server_round, {"bytes_down": 0})["bytes_up"] = bytes_up
+        if not updates:
+            log(WARNING, "round %d: no valid update; the global adapter is unchanged", server_round)
+            return None, None
+        new_state = self.aggregate(updates, self.current)
+        bad = is_finite_adapter(new_state.adapter, new_state.head) or is_finite_adapter(new_state.frozen)
+        if bad is not None:
+            log(WARNING, "round %d: aggregation produced non-finite %s; keeping the previous adapter", server_round, bad)
+            return None, None
+        self.set_state(new_state)
+        total = sum(u.num_examples for u in updates)
+        metrics = MetricRecord({
+            "train-loss": float(sum(u.train_loss * u.num_examples for u in updates) / total),
+            "num-examples": total,
+            "num-ok": len(updates),
+        })
+        return state_to_record(new_state), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """fedtune evaluates the global adapter on the server's held-out set instead."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+

@@ -1,0 +1,46 @@
+"""Registry of aggregation strategies: explicit, lowercase, loud on unknown or duplicate names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.plugins import load_plugin
+from strategies.base import LoraStrategy
+from strategies.fedit import FedIT
+from strategies.ffalora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
+
+__all__ = ["STRATEGIES", "register_strategy", "strategy_class", "build_strategy"]
+
+STRATEGIES: dict[str, type[LoraStrategy]] = {}
+
+
+def register_strategy(name: str, cls: type[LoraStrategy]) -> type[LoraStrategy]:
+    key = name.lower()
+    if key != name:
+        raise ValueError(f"strategy names are lowercase: {name!r}")
+    if key in STRATEGIES:
+        raise ValueError(f"strategy {name!r} is already registered ({STRATEGIES[key].__name__})")
+    STRATEGIES[key] = cls
+    return cls
+
+
+for _cls in (FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA):
+    register_strategy(_cls.name, _cls)
+
+
+def strategy_class(spec: str) -> type[LoraStrategy]:
+    """A registry name, ``module:Class`` or ``path/to/file.py:Class``."""
+    return load_plugin(spec, STRATEGIES, LoraStrategy, "federation.strategy")
+
+
+def build_strategy(experiment: ExperimentConfig) -> LoraStrategy:
+    cls = strategy_class(experiment.federation.strategy)
+    args: dict[str, Any] = dict(experiment.federation.strategy_args)
+    try:
+        return cls(experiment, **args)
+    except TypeError as exc:
+        raise ConfigError(f"federation.strategy_args: {cls.__name__} rejected {sorted(args)}: {exc}") from exc

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(config_to_toml(cfg), end="")
             return 0
-        from fedtune.simulation import preflight, simulate
+        from fedtune.simulation import prepare_environment, preflight, simulate
+
+        prepare_environment(cfg, args.verbose)
 
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.resume and not (out / "checkpoint" / "meta.json").is_file():

@@ -236,7 +236,7 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
 
 def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     if not isinstance(table, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(table).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {type(table).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

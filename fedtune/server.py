@@ -70,9 +70,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
     def elapsed() -> float:
         return round(elapsed_before + time.time() - t_start, 3)
 
+    def evaluate(st: Any) -> dict[str, float]:
+        t0 = time.time()
+        return {**evaluate_global(base, st, eval_data, cfg), "eval_time_s": round(time.time() - t0, 3)}
+
     if start_round == 0:
-        rec = {"round": 0, "wall_time_s": 0.0, **evaluate_global(base, state, eval_data, cfg),
-               "bytes_up": 0, "bytes_down": 0, "clients": []}
+        rec = {"round": 0, "wall_time_s": 0.0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": []}
         rec["wall_time_s"] = elapsed()
         writer.write(rec)
         _say(format_progress(rec, num_rounds))
@@ -87,7 +90,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         state = record_to_state(arrays)
         rec = {"round": rnd, "wall_time_s": 0.0}
         if rnd % cfg.federation.evaluate_every == 0 or rnd == num_rounds:
-            rec.update(evaluate_global(base, state, eval_data, cfg))
+            rec.update(evaluate(state))
         rec["train_loss"] = float(agg["train-loss"]) if agg is not None else None
         rec.update(strategy.round_bytes.get(rnd, {"bytes_up": 0, "bytes_down": 0}))
         rec["clients"] = strategy.round_clients.get(rnd, [])

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedtune.config import ConfigError, ExperimentConfig
 
-__all__ = ["preflight", "simulate"]
+__all__ = ["prepare_environment", "preflight", "simulate"]
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -32,12 +32,25 @@ def preflight(cfg: ExperimentConfig) -> None:
     lora_shapes(cached_base_model(cfg.model, cfg.seed), cfg)
 
 
-def simulate(cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Run the whole experiment; returns the run summary (raises if the server failed)."""
+def prepare_environment(cfg: ExperimentConfig, verbose: bool = False) -> None:
+    """Environment for Ray and its workers (set before Ray starts; workers inherit it)."""
     os.environ.setdefault("RAY_TMPDIR", cfg.simulation.ray_tmpdir)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:  # library deprecation chatter from every worker drowns the progress lines
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def simulate(cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Run the whole experiment; returns the run summary (raises if the server failed)."""
+    prepare_environment(cfg, verbose)
     Path(cfg.simulation.ray_tmpdir).mkdir(parents=True, exist_ok=True)
 
     from flwr.serverapp import ServerApp

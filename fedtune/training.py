@@ -86,6 +86,7 @@ class LocalResult:
 
 
 def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
+    """Inject LoRA at ``rank``, load the state's factors and head, hook its frozen part."""
     peft_model = attach_lora(base, rank, cfg.lora)
     try:
         if state.adapter:
@@ -98,9 +99,21 @@ def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentCo
                 params[name].copy_(t)
         handles = add_frozen_delta(peft_model, state.frozen) if state.frozen else []
     except Exception:
-        detach_lora(peft_model, base)
+        _release(peft_model, base, [], {})
         raise
     return peft_model, handles
+
+
+def _release(peft_model: Any, base: BaseModel, handles: list[Any], head: dict[str, torch.Tensor]) -> None:
+    """Undo :func:`_prepare`: remove hooks and LoRA layers, restore the base's own head."""
+    for h in handles:
+        h.remove()
+    peft_model.eval()
+    detach_lora(peft_model, base)
+    params = dict(base.model.named_parameters())
+    with torch.no_grad():
+        for name, t in head.items():
+            params[name].copy_(t)
 
 
 def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: ExperimentConfig,
@@ -110,6 +123,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
         raise ValueError("client has no training examples")
     if state.adapter and adapter_rank(state.adapter) != rank:
         raise ValueError(f"payload adapter rank {adapter_rank(state.adapter)} != assigned rank {rank}")
+    own_head = head_state(base)
     peft_model, handles = _prepare(base, state, rank, cfg)
     try:
         inner = peft_model.base_model.model
@@ -126,21 +140,20 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
         peft_model.train()
         losses = []
         t0 = time.perf_counter()
-        for idx in batches(len(data), cfg.train.batch_size, cfg.train.local_steps, gen):
-            batch = _collate(data, idx, pad_id, base.config.task)
-            loss = peft_model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout draws from the global generator
+            for idx in batches(len(data), cfg.train.batch_size, cfg.train.local_steps, gen):
+                batch = _collate(data, idx, pad_id, base.config.task)
+                loss = peft_model(**batch).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - t0
         factors = read_factors(peft_model)
         head = {n: p.detach().float().clone() for n, p in inner.named_parameters() if n in base.head_names}
     finally:
-        for h in handles:
-            h.remove()
-        peft_model.eval()
-        detach_lora(peft_model, base)
+        _release(peft_model, base, handles, own_head)
     return LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),
                        train_time_s=elapsed, steps=len(losses))
 
@@ -149,6 +162,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
 def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: ExperimentConfig) -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM) of a global state."""
     rank = adapter_rank(state.adapter) or 1
+    own_head = head_state(base)
     peft_model, handles = _prepare(base, state, rank, cfg)
     try:
         peft_model.eval()
@@ -168,9 +182,7 @@ def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg:
                 total_loss += float(out.loss) * n_tok
                 total_tokens += n_tok
     finally:
-        for h in handles:
-            h.remove()
-        detach_lora(peft_model, base)
+        _release(peft_model, base, handles, own_head)
     loss = total_loss / max(total_tokens, 1)
     if base.config.task == "classification":
         return {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}

@@ -1,0 +1,43 @@
+"""Bad input on the command line: a one-line error naming the problem, exit status 2."""
+
+import pytest
+
+from fedtune.cli import main
+from tests.conftest import ROOT
+
+SMOKE = str(ROOT / "simulations" / "smoke.toml")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "federation.num_roundz=2"], "unknown config key 'federation.num_roundz'"),
+    (["--set", "train.local_steps=many"], "train.local_steps: expected int, got str"),
+    (["--set", "data.dataset=/nonexistent/reviews.jsonl"], "data.dataset: file not found: /nonexistent/reviews.jsonl"),
+    (["--strategy", "fedmagic"], "federation.strategy: unknown name 'fedmagic'"),
+    (["--strategy", "/nonexistent/my_strategy.py:Mine"], "plug-in file not found: /nonexistent/my_strategy.py"),
+    (["--strategy", "strategies.hetlora:NoSuchClass"], "'strategies.hetlora' has no attribute 'NoSuchClass'"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle, capsys, tmp_path):
+    code = main(["simulate", "--config", SMOKE, "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("fedtune: error: ") and needle in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["simulate", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_config_command_prints_resolved_toml(capsys):
+    assert main(["config", "--config", SMOKE, "--set", "federation.num_rounds=7", "--strategy", "flexlora"]) == 0
+    out = capsys.readouterr().out
+    assert "num_rounds = 7" in out and 'strategy = "flexlora"' in out
+
+
+def test_strategies_command_lists_the_registry(capsys):
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fedit", "hetlora", "flexlora", "flora", "ffalora"):
+        assert name in out

@@ -1,0 +1,142 @@
+"""The strategy's Flower plumbing with mock replies (no network): per-node messages,
+seeded sampling, and rejection of failed, malformed or non-finite client updates."""
+
+from unittest.mock import Mock
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedtune.adapters import dense_delta
+from fedtune.config import config_from_dict
+from fedtune.records import factors_to_record, record_to_state, state_to_record
+from strategies import HetLoRA
+
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's runtime sets the task identity that Message() reads; outside it, tests do."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+SHAPES = {"enc.0.q": (6, 5), "enc.0.v": (6, 5)}
+HEAD = {"classifier.weight": torch.zeros(2, 5)}
+
+
+def reply(node, content=None, error=None):
+    msg = Mock(spec=Message)
+    msg.metadata.src_node_id = node
+    msg.has_error.return_value = error is not None
+    msg.error.reason = error
+    msg.content = content
+    return msg
+
+
+class FakeGrid:
+    """Nodes 100+i hold client i; train replies come from ``handler(node, message)``."""
+
+    def __init__(self, n, handler=None):
+        self.nodes = [100 + i for i in range(n)]
+        self.handler = handler
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent.append(messages)
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if m.metadata.message_type == MessageType.QUERY:
+                out.append(reply(node, RecordDict({"config": ConfigRecord({"client-id": node - 100})})))
+        return out
+
+
+def good_content(rank, gen, n=10, scale=1.0):
+    factors = {m: (torch.randn(rank, i, generator=gen) * scale, torch.randn(o, rank, generator=gen))
+               for m, (o, i) in SHAPES.items()}
+    head = {"classifier.weight": torch.ones(2, 5)}
+    return factors, RecordDict({"arrays": factors_to_record(factors, head),
+                                "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
+
+
+def setup(num_clients=4, ranks=(2, 4)):
+    cfg = config_from_dict({"seed": 3, "lora": {"ranks": list(ranks)},
+                            "federation": {"num_clients": num_clients, "fraction_train": 1.0}})
+    strat = HetLoRA(cfg)
+    state = strat.initial_state(SHAPES, HEAD)
+    return strat, state
+
+
+def test_configure_train_sends_each_node_its_rank_projection():
+    strat, state = setup()
+    grid = FakeGrid(4)
+    msgs = list(strat.configure_train(1, state_to_record(state), ConfigRecord({"experiment": "x"}), grid))
+    assert len(msgs) == 4
+    for m in msgs:
+        client = m.metadata.dst_node_id - 100
+        rank = (2, 4)[client % 2]
+        cfg = m.content["config"]
+        assert cfg["client-id"] == client and cfg["rank"] == rank and cfg["server-round"] == 1
+        assert cfg["experiment"] == "x"
+        payload = record_to_state(m.content["arrays"])
+        a, b = payload.adapter["enc.0.q"]
+        assert a.shape == (rank, 5) and b.shape == (6, rank)
+        torch.testing.assert_close(a, state.adapter["enc.0.q"][0][:rank])
+    assert strat.round_bytes[1]["bytes_down"] > 0
+
+
+def test_sampling_is_seeded_and_respects_the_fraction():
+    cfg = config_from_dict({"seed": 3, "federation": {"num_clients": 20, "fraction_train": 0.25}})
+    picks = []
+    for _ in range(2):
+        strat = HetLoRA(cfg)
+        grid = FakeGrid(20)
+        picks.append([strat.sample_nodes(grid, r) for r in (1, 2)])
+    assert picks[0] == picks[1]
+    assert len(picks[0][0]) == 5 and picks[0][0] != picks[0][1]
+
+
+def test_aggregate_rejects_bad_updates_and_keeps_the_round_going(gen):
+    strat, state = setup()
+    grid = FakeGrid(4)
+    list(strat.configure_train(1, state_to_record(state), ConfigRecord(), grid))
+    good_factors, good = good_content(2, gen)  # client 0 has rank 2
+    _, nan = good_content(4, gen)
+    nan_factors = record_to_state(nan["arrays"])
+    nan_factors.adapter["enc.0.v"][1][0, 0] = float("nan")
+    nan_rec = RecordDict({"arrays": state_to_record(nan_factors), "metrics": nan["metrics"]})
+    _, wrong_rank = good_content(4, gen)  # client 2 must answer at rank 2
+    replies = [reply(100, good), reply(101, nan_rec), reply(102, wrong_rank)]  # client 3 never answers
+    arrays, metrics = strat.aggregate_train(1, replies)
+    recs = {r["client_id"]: r for r in strat.round_clients[1]}
+    assert recs[0]["status"] == "ok"
+    assert recs[1]["status"] == "rejected" and "non-finite values in enc.0.v.B" in recs[1]["reason"]
+    assert recs[2]["status"] == "rejected" and "expected (2, 5)" in recs[2]["reason"]
+    assert recs[3]["status"] == "failed" and "no reply" in recs[3]["reason"]
+    new = record_to_state(arrays)
+    for m, (a, b) in good_factors.items():  # only the good client contributed
+        torch.testing.assert_close(dense_delta(*new.adapter[m]), b @ a)
+    assert metrics["num-ok"] == 1
+
+
+def test_a_crashed_client_is_recorded_and_all_bad_keeps_the_adapter(gen):
+    strat, state = setup(num_clients=2)
+    grid = FakeGrid(2)
+    list(strat.configure_train(1, state_to_record(state), ConfigRecord(), grid))
+    broken = RecordDict({"arrays": ArrayRecord({"junk": torch.zeros(1)}),
+                         "metrics": MetricRecord({"num-examples": 3})})
+    arrays, metrics = strat.aggregate_train(1, [reply(100, error="client 0: RuntimeError: boom"),
+                                                reply(101, broken)])
+    assert arrays is None and metrics is None
+    recs = {r["client_id"]: r for r in strat.round_clients[1]}
+    assert recs[0]["status"] == "failed" and "boom" in recs[0]["reason"]
+    assert recs[1]["status"] == "rejected" and "unexpected key 'junk'" in recs[1]["reason"]

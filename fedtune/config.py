@@ -97,7 +97,8 @@ class DataConfig:
     split: str = "train"  # HF datasets only
     partitioner: str = "dirichlet"  # any flwr-datasets partitioner (iid, dirichlet, natural-id, ...)
     partition_by: str = "label"  # column for label skew or natural ids
-    partitioner_args: dict[str, Any] = field(default_factory=dict)  # extra kwargs, e.g. alpha
+    # extra partitioner kwargs; dirichlet defaults to alpha = 1.0, min_partition_size = 10
+    partitioner_args: dict[str, Any] = field(default_factory=dict)
     eval_size: int = 400  # held-out server evaluation examples
     max_examples: int = 0  # cap on the whole corpus before the split; 0 = all
 
@@ -109,18 +110,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = 10  # optimizer steps per client per round
+    local_steps: int = 20  # optimizer steps per client per round
     batch_size: int = 16
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     num_threads: int = 1  # torch threads per client (match simulation.num_cpus_per_client)
+    logit_adjustment: float = 1.0  # classification: tau of the local label-prior logit adjustment; 0 = off
 
     def __post_init__(self) -> None:
         _positive("train.local_steps", self.local_steps)
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_batch_size", self.eval_batch_size)
         _positive("train.num_threads", self.num_threads)
+        if self.logit_adjustment < 0:
+            raise ConfigError(f"train.logit_adjustment: must be >= 0, got {self.logit_adjustment}")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate: must be > 0, got {self.learning_rate}")
 
@@ -128,7 +132,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     num_clients: int = 20
-    num_rounds: int = 12
+    num_rounds: int = 10
     clients_per_round: int = 0  # a number of clients; 0 means use fraction_train
     fraction_train: float = 0.3  # fraction of available clients sampled per round
     min_clients: int = 2  # never sample fewer than this

@@ -243,7 +243,7 @@ def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:
     if "seed" in params:
         kwargs["seed"] = seed
     if cfg.partitioner == "dirichlet":
-        kwargs.update(alpha=0.5, min_partition_size=10, self_balancing=True)
+        kwargs.update(alpha=1.0, min_partition_size=10, self_balancing=True)
     for key, value in cfg.partitioner_args.items():
         if key not in params:
             raise ConfigError(f"data.partitioner_args.{key}: not an argument of {cls.__name__}"

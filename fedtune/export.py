@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
 
 from fedtune.adapters import Factors, GlobalAdapter
 from fedtune.config import ExperimentConfig
 from fedtune.models import default_target_modules, load_base_model, load_factors
+from fedtune.records import record_to_state, state_to_record
 
 __all__ = ["combined_factors", "save_peft_adapter", "save_checkpoint", "load_checkpoint"]
 
@@ -62,13 +64,7 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
 def save_checkpoint(state: GlobalAdapter, server_round: int, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Atomically write the server state after ``server_round`` (safetensors + JSON)."""
     path.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for kind, part in (("adapter", state.adapter), ("frozen", state.frozen)):
-        for m, (a, b) in part.items():
-            tensors[f"{kind}::{m}::A"] = a.contiguous()
-            tensors[f"{kind}::{m}::B"] = b.contiguous()
-    for n, t in state.head.items():
-        tensors[f"head::{n}"] = t.contiguous()
+    tensors = state_to_record(state).to_torch_state_dict()  # the same key scheme as messages
     tmp = path / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(path / "state.safetensors")
@@ -79,15 +75,4 @@ def save_checkpoint(state: GlobalAdapter, server_round: int, path: Path, extra: 
 
 def load_checkpoint(path: Path) -> tuple[GlobalAdapter, dict[str, Any]]:
     meta = json.loads((path / "meta.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
-    state = GlobalAdapter()
-    pieces: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        parts = key.split("::")
-        if parts[0] == "head":
-            state.head[parts[1]] = t
-        else:
-            pieces.setdefault((parts[0], parts[1]), {})[parts[2]] = t
-    for (kind, m), ab in pieces.items():
-        getattr(state, kind)[m] = (ab["A"], ab["B"])
-    return state, meta
+    return record_to_state(ArrayRecord(load_file(str(path / "state.safetensors")))), meta

@@ -26,7 +26,7 @@ from fedtune.models import (
     read_factors,
 )
 
-__all__ = ["Tokenized", "tokenize", "batches", "LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
+__all__ = ["label_log_prior", "Tokenized", "tokenize", "batches", "LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
 
 
 @dataclass
@@ -73,6 +73,18 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> 
         out.append(perm[:batch_size])
         perm = perm[batch_size:]
     return out
+
+
+def label_log_prior(labels: list[int], num_labels: int) -> torch.Tensor:
+    """log of the client's label frequencies (add-one smoothed), shape (num_labels,).
+
+    Training on ``logits + tau * log p_k(y)`` (logit adjustment, Menon et al., ICLR 2021;
+    in FL as FedLC, Zhang et al., ICML 2022) lets the local label prior be explained by
+    this fixed offset instead of the shared task head, so heads trained on label-skewed
+    clients average to a balanced classifier. Evaluation uses the raw logits.
+    """
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_labels).float() + 1.0
+    return (counts / counts.sum()).log()
 
 
 @dataclass
@@ -135,6 +147,9 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             if train:
                 trainable.append(p)
         opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        log_prior = None
+        if base.config.task == "classification" and cfg.train.logit_adjustment > 0:
+            log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
         gen = torch.Generator().manual_seed(seed)
         pad_id = base.tokenizer.pad_token_id
         peft_model.train()
@@ -144,7 +159,12 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             torch.manual_seed(seed)  # dropout draws from the global generator
             for idx in batches(len(data), cfg.train.batch_size, cfg.train.local_steps, gen):
                 batch = _collate(data, idx, pad_id, base.config.task)
-                loss = peft_model(**batch).loss
+                if log_prior is None:
+                    loss = peft_model(**batch).loss
+                else:
+                    labels = batch.pop("labels")
+                    logits = peft_model(**batch).logits
+                    loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -107,3 +107,16 @@ def test_plugin_strategy_from_a_file_and_a_crashing_client(tmp_path):
     status = {c["client_id"]: c for c in last["clients"]}
     assert status[0]["status"] == "failed" and "payload adapter rank 1 != assigned rank 2" in status[0]["reason"]
     assert all(status[c]["status"] == "ok" for c in (1, 2, 3))
+
+
+def test_a_stopped_server_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    first = run_cli("simulate", "--config", str(SMOKE), "--out", str(out), "--set", "federation.num_rounds=1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert json.loads((out / "checkpoint" / "meta.json").read_text())["round"] == 1
+    second = run_cli("simulate", "--config", str(SMOKE), "--out", str(out), "--resume")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from checkpoint after round 1" in second.stdout
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2

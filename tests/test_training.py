@@ -125,3 +125,30 @@ def test_causal_lm_reports_perplexity_and_trains():
     assert metrics["eval_perplexity"] > 1.0
     res = train_local(base, strat.client_payload(state, 0, 2), 2, part, cfg, seed=0)
     assert res.train_loss > 0 and all(torch.count_nonzero(b) for _, b in res.factors.values())
+
+
+def test_label_log_prior_is_smoothed_log_frequency():
+    from fedtune.training import label_log_prior
+
+    torch.testing.assert_close(label_log_prior([0, 0, 0, 1], 3), torch.tensor([4 / 7, 2 / 7, 1 / 7]).log())
+
+
+def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(bert):
+    """A client with 6 positives per negative: with the prior offset its head bias drifts much less."""
+    import dataclasses
+
+    from fedtune.training import Tokenized
+
+    cfg, base, part, _ = bert
+    pos = [i for i, y in enumerate(part.labels) if y == 1]
+    neg = [i for i, y in enumerate(part.labels) if y == 0][: max(1, len(pos) // 6)]
+    skewed = Tokenized([part.input_ids[i] for i in pos + neg], [1] * len(pos) + [0] * len(neg))
+    strat = HetLoRA(cfg)
+    payload = strat.client_payload(strat.initial_state(lora_shapes(base, cfg), head_state(base)), 0, 2)
+    drift = {}
+    for tau in (0.0, 1.0):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, logit_adjustment=tau, local_steps=30))
+        res = train_local(base, payload, 2, skewed, c, seed=3)
+        bias = res.head["classifier.bias"]
+        drift[tau] = float(bias[1] - bias[0])
+    assert drift[0.0] > 0.02 and drift[1.0] < 0.5 * drift[0.0]

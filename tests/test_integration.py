@@ -120,3 +120,51 @@ def test_a_stopped_server_resumes_from_its_checkpoint(tmp_path):
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flwr_run_against_a_simulation_superlink(tmp_path):
+    """The repository is a Flower app: `flwr run .` on a local simulation SuperLink."""
+    import signal
+    import time
+
+    port = _free_port()
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-sim"\n\n[superlink.local-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}:{os.environ['PATH']}",
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_TMPDIR": "/tmp/fedtune-ray-flwr"}
+    link = subprocess.Popen(
+        [f"{bindir}/flower-superlink", "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+         "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
+        env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp_path / "run"
+    try:
+        time.sleep(5)
+        run = subprocess.run(
+            [f"{bindir}/flwr", "run", ".", "local-sim", "--stream",
+             "--run-config", f'experiment="simulations/smoke.toml" out-dir="{out}"',
+             "--federation-config", "num-supernodes=4 client-resources-num-cpus=1"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert "round   2/2" in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+        ls = subprocess.run([f"{bindir}/flwr", "ls", "local-sim", "--format", "json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+        runs = json.loads(ls.stdout)["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"]
+        assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+        assert (out / "adapter" / "adapter_config.json").is_file()
+    finally:
+        os.killpg(link.pid, signal.SIGTERM)
+        try:
+            link.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(link.pid, signal.SIGKILL)

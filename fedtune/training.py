@@ -21,10 +21,13 @@ from fedtune.models import (
     add_frozen_delta,
     attach_lora,
     detach_lora,
+    lora_layers,
     load_factors,
     module_shapes,
     read_factors,
 )
+from fedtune.prune_tune import PruneAndTune, PruneSpec
+from fedtune.pruning import Masks, model_structure, sparsity
 
 __all__ = ["label_log_prior", "Tokenized", "tokenize", "batches", "LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
 
@@ -95,6 +98,9 @@ class LocalResult:
     num_examples: int
     train_time_s: float  # wall time of the local steps (excludes message handling)
     steps: int
+    masks: Masks | None = None  # pruning masks after this round (True = kept)
+    scores: dict[int, dict[str, torch.Tensor]] | None = None  # EMA group importance
+    sparsity: float = 0.0  # fraction of prunable parameters removed
 
 
 def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
@@ -129,8 +135,15 @@ def _release(peft_model: Any, base: BaseModel, handles: list[Any], head: dict[st
 
 
 def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: ExperimentConfig,
-                *, train_a: bool = True, seed: int = 0) -> LocalResult:
-    """Train a rank-``rank`` adapter started from ``state`` for ``cfg.train.local_steps`` steps."""
+                *, train_a: bool = True, seed: int = 0, prune: PruneSpec | None = None,
+                masks: Masks | None = None, scores: dict[int, dict[str, torch.Tensor]] | None = None,
+                steps: int | None = None) -> LocalResult:
+    """Train a rank-``rank`` adapter started from ``state`` for ``cfg.train.local_steps`` steps.
+
+    With ``prune``, the client prunes toward ``prune.target`` while it trains (prune-and-
+    tune), starting from its previous ``masks`` and importance ``scores``; pruned
+    structures stay masked (``masks`` without ``prune`` are applied but not extended).
+    """
     if len(data) == 0:
         raise ValueError("client has no training examples")
     if state.adapter and adapter_rank(state.adapter) != rank:
@@ -152,12 +165,18 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
         gen = torch.Generator().manual_seed(seed)
         pad_id = base.tokenizer.pad_token_id
+        n_steps = steps or cfg.train.local_steps
+        pruner = None
+        if prune is not None or masks is not None:
+            pruner = PruneAndTune(inner, lora_layers(peft_model), model_structure(inner),
+                                  prune or PruneSpec(target=0.0), n_steps, masks=masks, scores=scores, seed=seed)
+            pruner.enforce()
         peft_model.train()
         losses = []
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout draws from the global generator
-            for idx in batches(len(data), cfg.train.batch_size, cfg.train.local_steps, gen):
+            for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
                 batch = _collate(data, idx, pad_id, base.config.task)
                 if log_prior is None:
                     loss = peft_model(**batch).loss
@@ -167,15 +186,25 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
                     loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if pruner is not None:
+                    pruner.observe()
                 opt.step()
+                if pruner is not None:
+                    pruner.after_step(step)
                 losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - t0
         factors = read_factors(peft_model)
         head = {n: p.detach().float().clone() for n, p in inner.named_parameters() if n in base.head_names}
     finally:
+        if pruner is not None:
+            pruner.close()
         _release(peft_model, base, handles, own_head)
-    return LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),
-                       train_time_s=elapsed, steps=len(losses))
+    result = LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),
+                         train_time_s=elapsed, steps=len(losses))
+    if pruner is not None:
+        result.masks, result.scores = pruner.masks, pruner.scores
+        result.sparsity = sparsity(pruner.structure, pruner.masks, base.model.config.hidden_size)
+    return result
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+"""Iterative prune-and-tune inside a client's local training (FedSpine, LoRAPrune).
+
+:class:`PruneAndTune` is driven by :func:`fedtune.training.train_local`: after every
+backward pass it accumulates group importance (exponential moving average), every ``H``
+steps it prunes toward the round's target ratio on a cubic schedule, and after every
+optimizer step it keeps the LoRA coordinates of pruned structures at zero, so a pruned
+head or channel receives no update. The math lives in :mod:`fedtune.pruning`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune.pruning import (
+    IMPORTANCE_METHODS,
+    LayerStructure,
+    Masks,
+    apply_masks,
+    cubic_ratio,
+    full_masks,
+    lora_weight_gradient,
+    module_keep,
+    prune_step,
+    unit_scores,
+)
+
+__all__ = ["PruneSpec", "PruneAndTune", "unit_ratio"]
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    target: float  # fraction of each layer's heads/groups and FFN channels pruned by the round's end
+    interval: int = 20  # H: local steps between pruning events (FedSpine found 20 best)
+    method: str = "lora"  # importance: lora | magnitude | random | taylor
+    ema: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target < 1.0:
+            raise ValueError(f"prune target must be in [0, 1), got {self.target}")
+        if self.method not in IMPORTANCE_METHODS:
+            raise ValueError(f"prune importance must be one of {IMPORTANCE_METHODS}, got {self.method!r}")
+
+
+def unit_ratio(masks: Masks) -> float:
+    """Mean fraction of pruned units per layer and kind."""
+    vals = [1.0 - float(t.float().mean()) for m in masks.values() for t in m.values()]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+class PruneAndTune:
+    def __init__(self, model: torch.nn.Module, lora_layers: dict[str, Any], structure: list[LayerStructure],
+                 spec: PruneSpec, total_steps: int, *, masks: Masks | None = None,
+                 scores: dict[int, dict[str, torch.Tensor]] | None = None, seed: int = 0) -> None:
+        self.model, self.layers, self.structure, self.spec = model, lora_layers, structure, spec
+        self.masks = masks if masks is not None else full_masks(structure)
+        self.scores = scores
+        self.start = unit_ratio(self.masks)
+        events = list(range(spec.interval, total_steps + 1, spec.interval)) or [total_steps]
+        if self.start >= spec.target:
+            events = []
+        self.events = {step: k + 1 for k, step in enumerate(events)}
+        self.num_events = len(events)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.handles: list[Any] = []
+        self.prunable = set(module_keep(structure, self.masks))
+        if spec.method == "taylor":
+            for path in self.prunable & set(self.layers):
+                self.layers[path].base_layer.weight.requires_grad_(True)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = apply_masks(self.model, self.structure, self.masks)
+        self.keep = module_keep(self.structure, self.masks)
+
+    def _weight_importance(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for path in self.prunable & set(self.layers):
+                layer = self.layers[path]
+                w = layer.base_layer.weight
+                if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise NotImplementedError(f"{self.spec.method} importance needs a float base weight at {path}")
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                s = layer.scaling["default"]
+                merged = w.float() + s * (b @ a)
+                if self.spec.method == "lora":
+                    ga = a.grad if a.grad is not None else torch.zeros_like(a)
+                    gb = b.grad if b.grad is not None else torch.zeros_like(b)
+                    out[path] = (lora_weight_gradient(a, b, ga, gb, s) * merged).abs()
+                elif self.spec.method == "taylor":
+                    if w.grad is not None:
+                        out[path] = (w.grad.float() * w.float()).abs()
+                elif self.spec.method == "magnitude":
+                    out[path] = merged.abs()
+                else:  # random
+                    out[path] = torch.rand(merged.shape, generator=self.gen)
+        return out
+
+    def observe(self) -> None:
+        """After ``loss.backward()``: update the EMA of group importance."""
+        if not self.num_events:
+            return
+        if self.spec.method in ("magnitude", "random") and self.scores is not None:
+            return  # static criteria: computed once
+        current = unit_scores(self.structure, self._weight_importance())
+        if self.scores is None:
+            self.scores = current
+        else:
+            e = self.spec.ema
+            self.scores = {layer: {k: e * self.scores[layer][k] + (1 - e) * v for k, v in m.items()}
+                           for layer, m in current.items()}
+        if self.spec.method == "taylor":
+            for path in self.prunable & set(self.layers):
+                self.layers[path].base_layer.weight.grad = None
+
+    def after_step(self, step: int) -> None:
+        """After ``optimizer.step()`` (``step`` counts from 1): prune on schedule, keep zeros."""
+        k = self.events.get(step)
+        if k is not None and self.scores is not None:
+            ratio = cubic_ratio(self.spec.target, self.start, k, self.num_events)
+            self.masks = prune_step(self.masks, self.scores, ratio)
+            self._refresh()
+        self.enforce()
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Zero the LoRA rows (q/k/v/up/gate) and columns (o/down) of pruned structures."""
+        for path, (how, keep) in self.keep.items():
+            if path not in self.layers or bool(keep.all()):
+                continue
+            layer = self.layers[path]
+            if how == "rows":
+                layer.lora_B["default"].weight[~keep] = 0.0
+            else:
+                layer.lora_A["default"].weight[:, ~keep] = 0.0
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for path in self.prunable & set(self.layers):
+            self.layers[path].base_layer.weight.requires_grad_(False)
+            self.layers[path].base_layer.weight.grad = None

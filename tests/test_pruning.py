@@ -1,0 +1,146 @@
+"""Structured pruning: structure groups (GQA-aware), masks, schedule, slicing equals masking."""
+
+import copy
+
+import pytest
+import torch
+
+from fedtune.config import config_from_dict
+from fedtune.models import load_base_model
+from fedtune.prune_tune import PruneSpec
+from fedtune.pruning import (
+    apply_masks,
+    cubic_ratio,
+    full_masks,
+    lora_weight_gradient,
+    model_structure,
+    prune_step,
+    slice_model,
+    sparsity,
+)
+
+
+def tiny(name):
+    cfg = config_from_dict({"model": {"name": name, "task": "classification" if name == "tiny-bert" else "causal-lm",
+                                      "max_length": 32}})
+    return load_base_model(cfg.model, seed=0), cfg
+
+
+def test_structure_groups_for_bert_and_gqa_llama():
+    bert, _ = tiny("tiny-bert")
+    s = model_structure(bert.model)
+    assert len(s) == 2 and s[0].num_units == 4 and s[0].ffn_dim == 64
+    assert s[0].attn_rows == {f"bert.encoder.layer.0.attention.self.{n}": 8 for n in ("query", "key", "value")}
+    llama, _ = tiny("tiny-llama")
+    s = model_structure(llama.model)
+    # 4 query heads over 2 KV heads: a unit is a KV group = 2 query heads (16 rows) + 1 k/v head (8 rows)
+    assert s[0].num_units == 2
+    assert s[0].attn_rows == {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.k_proj": 8,
+                              "model.layers.0.self_attn.v_proj": 8}
+    assert s[0].ffn_in == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+
+
+def test_masks_only_grow_and_follow_scores():
+    bert, _ = tiny("tiny-bert")
+    s = model_structure(bert.model)
+    masks = full_masks(s)
+    scores = {ls.layer: {"attn": torch.tensor([4.0, 1.0, 3.0, 2.0]), "ffn": torch.arange(64.0)} for ls in s}
+    m1 = prune_step(masks, scores, 0.5)
+    assert m1[0]["attn"].tolist() == [True, False, True, False]
+    assert int((~m1[0]["ffn"]).sum()) == 32 and not m1[0]["ffn"][:32].any()
+    # a lower ratio or reversed scores never un-prune
+    rev = {ls.layer: {"attn": -scores[ls.layer]["attn"], "ffn": -scores[ls.layer]["ffn"]} for ls in s}
+    m2 = prune_step(m1, rev, 0.25)
+    assert torch.equal(m2[0]["attn"], m1[0]["attn"])
+    m3 = prune_step(m1, rev, 0.75)
+    assert not (m3[0]["attn"] & ~m1[0]["attn"]).any() and int(m3[0]["attn"].sum()) == 1
+    assert prune_step(masks, scores, 0.99)[0]["attn"].sum() == 1  # a layer always keeps one unit
+    assert 0.7 < sparsity(s, m3, 32) < 0.8
+
+
+def test_cubic_schedule():
+    assert cubic_ratio(0.5, 0.0, 0, 4) == 0.0
+    assert cubic_ratio(0.5, 0.0, 4, 4) == 0.5
+    assert cubic_ratio(0.5, 0.0, 1, 4) == pytest.approx(0.5 - 0.5 * 0.75 ** 3)
+    assert cubic_ratio(0.5, 0.2, 2, 4) == pytest.approx(0.5 - 0.3 * 0.125)
+
+
+def test_lora_weight_gradient_formula():
+    a = torch.tensor([[1.0, 2.0]])  # (r=1, in=2)
+    b = torch.tensor([[3.0], [4.0]])  # (out=2, r=1)
+    ga = torch.tensor([[0.5, -1.0]])
+    gb = torch.tensor([[2.0], [1.0]])
+    g = lora_weight_gradient(a, b, ga, gb, scale=2.0)
+    expected = 2.0 * (gb @ a + b @ ga - gb @ ga)
+    torch.testing.assert_close(g, expected)
+    assert g[0, 0].item() == pytest.approx(2.0 * (2 * 1 + 3 * 0.5 - 2 * 0.5))
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_sliced_model_equals_masked_model(name):
+    base, _ = tiny(name)
+    model = base.model.eval()
+    s = model_structure(model)
+    gen = torch.Generator().manual_seed(0)
+    scores = {ls.layer: {"attn": torch.rand(ls.num_units, generator=gen), "ffn": torch.rand(ls.ffn_dim, generator=gen)}
+              for ls in s}
+    masks = prune_step(full_masks(s), scores, 0.5)
+    ids = torch.randint(5, 1000, (2, 12), generator=gen)
+    handles = apply_masks(model, s, masks)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+    assert not torch.allclose(masked, unmasked, atol=1e-4)
+    sliced = slice_model(copy.deepcopy(model), s, masks)
+    with torch.no_grad():
+        out = sliced(input_ids=ids).logits
+    assert (out - masked).abs().max().item() < 1e-4
+    n_before = sum(p.numel() for p in model.parameters())
+    n_after = sum(p.numel() for p in sliced.parameters())
+    assert n_after < n_before
+    if name == "tiny-llama":  # GQA: one of two KV groups left per layer -> 2 query heads, 1 KV head
+        attn = sliced.model.layers[0].self_attn
+        assert attn.q_proj.out_features == 16 and attn.k_proj.out_features == 8 and attn.o_proj.in_features == 16
+
+
+def test_prune_and_tune_reaches_the_target_and_pruned_units_get_no_update():
+    from fedtune.data import cached_federated_data
+    from fedtune.models import cached_base_model
+    from fedtune.training import head_state, lora_shapes, tokenize, train_local
+    from strategies import HetLoRA
+
+    cfg = config_from_dict({
+        "model": {"name": "tiny-bert", "max_length": 32},
+        "lora": {"ranks": [4], "target_modules": ["query", "key", "value", "dense"]},
+        "data": {"partitioner": "iid", "eval_size": 64, "max_examples": 400},
+        "train": {"local_steps": 12, "batch_size": 8},
+        "federation": {"num_clients": 2},
+    })
+    base = cached_base_model(cfg.model, cfg.seed)
+    fed = cached_federated_data(cfg.data, cfg.model.task, 2, cfg.seed, 2)
+    data = tokenize(fed.partition(0), base.tokenizer, "classification", 32)
+    strat = HetLoRA(cfg)
+    payload = strat.client_payload(strat.initial_state(lora_shapes(base, cfg), head_state(base)), 0, 4)
+    res = train_local(base, payload, 4, data, cfg, seed=0, prune=PruneSpec(target=0.5, interval=4))
+    assert res.masks is not None and 0.45 < res.sparsity < 0.55
+    s = model_structure(base.model)
+    for ls in s:
+        dropped = (~res.masks[ls.layer]["attn"]).nonzero().flatten().tolist()
+        assert len(dropped) == 2
+        for h in dropped:
+            for m in ls.attn_in:
+                assert torch.count_nonzero(res.factors[m][1][h * 8:(h + 1) * 8]) == 0
+            assert torch.count_nonzero(res.factors[ls.attn_out][0][:, h * 8:(h + 1) * 8]) == 0
+        ffn_dropped = ~res.masks[ls.layer]["ffn"]
+        assert torch.count_nonzero(res.factors[ls.ffn_in[0]][1][ffn_dropped]) == 0
+        assert torch.count_nonzero(res.factors[ls.ffn_out][0][:, ffn_dropped]) == 0
+    # a second round continues from the masks: they only grow
+    res2 = train_local(base, payload, 4, data, cfg, seed=1, prune=PruneSpec(target=0.75, interval=4),
+                       masks=res.masks, scores=res.scores)
+    for layer, m in res.masks.items():
+        for kind in m:
+            assert not (res2.masks[layer][kind] & ~m[kind]).any()
+    assert res2.sparsity > res.sparsity

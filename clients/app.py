@@ -16,12 +16,14 @@ import time
 import traceback
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.config import ExperimentConfig, config_from_dict
 from fedtune.data import cached_federated_data
 from fedtune.models import cached_base_model
+from fedtune.prune_tune import PruneSpec
+from fedtune.pruning import Masks, masks_from_tensors, masks_to_tensors
 from fedtune.records import factors_to_record, record_to_state
 from fedtune.training import Tokenized, tokenize, train_local
 
@@ -52,6 +54,31 @@ def _client_data(experiment_toml: str, client_id: int) -> Tokenized:
     return tokenize(fed.partition(client_id), base.tokenizer, cfg.model.task, cfg.model.max_length)
 
 
+PRUNE_STATE = "fedtune.prune"
+
+
+def load_prune_state(context: Context) -> tuple[Masks | None, dict[int, dict[str, torch.Tensor]] | None]:
+    """This client's masks and importance EMA from earlier rounds (its Flower node state)."""
+    if PRUNE_STATE not in context.state.array_records:
+        return None, None
+    tensors = context.state.array_records[PRUNE_STATE].to_torch_state_dict()
+    masks = masks_from_tensors({k: v for k, v in tensors.items() if k.startswith("mask::")})
+    scores: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("score::"):
+            _, layer, kind = key.split("::")
+            scores.setdefault(int(layer), {})[kind] = t
+    return masks, scores or None
+
+
+def save_prune_state(context: Context, masks: Masks, scores: dict[int, dict[str, torch.Tensor]] | None) -> None:
+    tensors = masks_to_tensors(masks)
+    for layer, m in (scores or {}).items():
+        for kind, t in m.items():
+            tensors[f"score::{layer}::{kind}"] = t.float()
+    context.state[PRUNE_STATE] = ArrayRecord(tensors)
+
+
 def _error_reply(msg: Message, client_id: int, exc: BaseException) -> Message:
     LOG.error("client %d failed:\n%s", client_id, traceback.format_exc())
     reason = f"client {client_id}: {type(exc).__name__}: {exc}"
@@ -79,7 +106,13 @@ def train(msg: Message, context: Context) -> Message:
         data = _client_data(experiment_toml, client_id)
         state = record_to_state(msg.content["arrays"])
         seed = cfg.seed * 1_000_003 + server_round * 10_007 + client_id
-        result = train_local(base, state, rank, data, cfg, train_a=bool(config.get("train-a", True)), seed=seed)
+        ratio = float(config.get("prune-ratio", 0.0))
+        masks, scores = load_prune_state(context)
+        prune = None
+        if ratio > 0:
+            prune = PruneSpec(target=ratio, interval=cfg.prune.interval, method=cfg.prune.importance, ema=cfg.prune.ema)
+        result = train_local(base, state, rank, data, cfg, train_a=bool(config.get("train-a", True)), seed=seed,
+                             prune=prune, masks=masks, scores=scores)
         metrics = MetricRecord({
             "num-examples": result.num_examples,
             "train-loss": result.train_loss,
@@ -90,6 +123,10 @@ def train(msg: Message, context: Context) -> Message:
             "client-id": client_id,
         })
         content = RecordDict({"arrays": factors_to_record(result.factors, result.head), "metrics": metrics})
+        if result.masks is not None:
+            save_prune_state(context, result.masks, result.scores)
+            content["masks"] = ArrayRecord(masks_to_tensors(result.masks))
+            metrics["prune-ratio"] = result.sparsity
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a crashed client must not crash the round
         return _error_reply(msg, client_id, exc)

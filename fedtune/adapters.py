@@ -30,6 +30,7 @@ __all__ = [
     "lowrank_svd",
     "init_factors",
     "is_finite_adapter",
+    "scale_for_holders",
 ]
 
 # module name -> (A (r x in), B (out x r))
@@ -72,6 +73,8 @@ class ClientUpdate:
     num_examples: int
     train_loss: float = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
+    # pruning: module -> ("rows" | "cols", bool keep vector over B's rows / A's columns)
+    keep: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def adapter_rank(factors: Factors) -> int:
@@ -166,6 +169,49 @@ def init_factors(
         bound = 1.0 / math.sqrt(fan_in)
         a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) * bound
         out[name] = (a, torch.zeros(fan_out, rank))
+    return out
+
+
+def scale_for_holders(updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """Mask-aware aggregation: each coordinate is averaged only over the clients holding it.
+
+    For a module whose rows (q/k/v/up/gate) or columns (o/down) some clients pruned, let
+    ``c = sum_k p_k keep_k`` (``p_k = n_k / sum n``) per row or column. Every client's B rows
+    (or A columns) are zeroed where pruned and divided by ``c``, so any weighted sum
+    ``sum_k p_k X_k`` an aggregation rule forms (of B, or of the products B A) becomes
+    ``sum_k p_k keep_k X_k / c``: the average over the holders. Coordinates no client holds
+    stay zero. Updates without pruning information are returned unchanged.
+    """
+    if not any(u.keep for u in updates):
+        return updates
+    total = float(sum(u.num_examples for u in updates))
+    modules = {m for u in updates for m in u.keep}
+    coverage: dict[str, torch.Tensor] = {}
+    how: dict[str, str] = {}
+    for m in modules:
+        for u in updates:
+            if m in u.keep:
+                how[m], size = u.keep[m][0], u.keep[m][1].numel()
+                break
+        c = torch.zeros(size)
+        for u in updates:
+            keep = u.keep[m][1] if m in u.keep else torch.ones(size, dtype=torch.bool)
+            c += (u.num_examples / total) * keep.float()
+        coverage[m] = c
+    out = []
+    for u in updates:
+        factors = dict(u.factors)
+        for m, c in coverage.items():
+            a, b = factors[m]
+            keep = u.keep[m][1].float() if m in u.keep else torch.ones_like(c)
+            factor = torch.where(c > 0, keep / c.clamp_min(1e-12), torch.zeros_like(c))
+            if how[m] == "rows":
+                factors[m] = (a, b * factor[:, None])
+            else:
+                factors[m] = (a * factor[None, :], b)
+        out.append(ClientUpdate(client_id=u.client_id, rank=u.rank, factors=factors, head=u.head,
+                                num_examples=u.num_examples, train_loss=u.train_loss, metrics=u.metrics,
+                                keep=u.keep))
     return out
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "FederationConfig",
+    "PruneConfig",
     "SimulationConfig",
     "ExperimentConfig",
     "load_config",
@@ -161,6 +162,38 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    # target sparsity: the fraction of each layer's attention heads (KV groups for GQA models)
+    # and FFN channels a client prunes; 0 = no pruning. The bandit sets it per client later.
+    ratio: float = 0.0
+    ratio_overrides: dict[str, float] = field(default_factory=dict)  # client id -> ratio
+    interval: int = 20  # H: local steps between pruning events
+    importance: str = "lora"  # lora (LoRAPrune) | magnitude | random | taylor
+    ema: float = 0.9  # moving-average factor of group importance
+    export_client_models: bool = True  # write runs/<run>/clients/<id>/model at the end
+
+    def __post_init__(self) -> None:
+        for key, r in [("prune.ratio", self.ratio), *((f"prune.ratio_overrides.{k}", v)
+                                                       for k, v in self.ratio_overrides.items())]:
+            if not 0.0 <= r < 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1), got {r}")
+        for key in self.ratio_overrides:
+            if not key.isdigit():
+                raise ConfigError(f"prune.ratio_overrides: key {key!r} is not a client id (integer)")
+        _positive("prune.interval", self.interval)
+        _one_of("prune.importance", self.importance, ("lora", "magnitude", "random", "taylor"))
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"prune.ema: must be in [0, 1), got {self.ema}")
+
+    def ratio_for(self, client_id: int) -> float:
+        return self.ratio_overrides.get(str(client_id), self.ratio)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio > 0 or any(v > 0 for v in self.ratio_overrides.values())
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     backend: str = "ray"
     num_cpus_per_client: float = 1.0
@@ -183,6 +216,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:

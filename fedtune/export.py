@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from fedtune.adapters import Factors, GlobalAdapter
 from fedtune.config import ExperimentConfig
 from fedtune.models import default_target_modules, load_base_model, load_factors
+from fedtune.pruning import Masks, model_structure, slice_model, sparsity
 from fedtune.records import record_to_state, state_to_record
 
-__all__ = ["combined_factors", "save_peft_adapter", "save_checkpoint", "load_checkpoint"]
+__all__ = ["combined_factors", "save_peft_adapter", "save_checkpoint", "load_checkpoint", "export_pruned_model",
+           "load_pruned_model"]
 
 
 def combined_factors(state: GlobalAdapter) -> Factors:
@@ -43,7 +45,7 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
     factors = combined_factors(state)
     rank = next(iter(factors.values()))[0].shape[0]
     head_modules = sorted({n.rsplit(".", 1)[0] for n in base.head_names})
-    targets = list(cfg.lora.target_modules) or default_target_modules(base.architecture)
+    targets = list(cfg.lora.target_modules) or default_target_modules(base.architecture, cfg.prune.enabled)
     task = TaskType.SEQ_CLS if cfg.model.task == "classification" else TaskType.CAUSAL_LM
     peft_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type=task,
                           modules_to_save=head_modules or None)
@@ -76,3 +78,67 @@ def save_checkpoint(state: GlobalAdapter, server_round: int, path: Path, extra: 
 def load_checkpoint(path: Path) -> tuple[GlobalAdapter, dict[str, Any]]:
     meta = json.loads((path / "meta.json").read_text())
     return record_to_state(ArrayRecord(load_file(str(path / "state.safetensors")))), meta
+
+
+PRUNING_FILE = "fedtune_pruning.json"
+
+
+def export_pruned_model(state: GlobalAdapter, masks: Masks, cfg: ExperimentConfig, path: Path) -> dict[str, Any]:
+    """Merge ``state`` (adapter, frozen part, head) into a fresh base, slice away pruned
+    structures and save it (safetensors + config + the pruning plan) under ``path``.
+
+    Load it back with :func:`load_pruned_model`. Returns parameter counts before/after.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_model(cfg.model, cfg.seed)
+    params = dict(base.model.named_parameters())
+    with torch.no_grad():
+        for name, t in state.head.items():
+            params[name].copy_(t)
+    n_before = sum(p.numel() for p in base.model.parameters())
+    factors = combined_factors(state)
+    model = base.model
+    if factors:
+        rank = next(iter(factors.values()))[0].shape[0]
+        modules = sorted(factors)
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=modules))
+        load_factors(peft_model, factors)
+        model = peft_model.merge_and_unload()
+    structure = model_structure(model)
+    slice_model(model, structure, masks)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    base.tokenizer.save_pretrained(str(path))
+    n_after = sum(p.numel() for p in model.parameters())
+    plan = {"masks": {str(layer): {k: t.tolist() for k, t in m.items()} for layer, m in masks.items()},
+            "task": cfg.model.task, "params_before": n_before, "params_after": n_after,
+            "sparsity": sparsity(structure, masks, model.config.hidden_size)}
+    (path / PRUNING_FILE).write_text(json.dumps(plan))
+    return {"params_before": n_before, "params_after": n_after, "sparsity": plan["sparsity"]}
+
+
+def load_pruned_model(path: str | Path) -> torch.nn.Module:
+    """Load a model written by :func:`export_pruned_model`::
+
+        model = fedtune.export.load_pruned_model("runs/<run>/clients/3/model")
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = Path(path)
+    plan = json.loads((path / PRUNING_FILE).read_text())
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSequenceClassification if plan["task"] == "classification" else AutoModelForCausalLM
+    model = cls.from_config(config)
+    masks: Masks = {int(layer): {k: torch.tensor(v, dtype=torch.bool) for k, v in m.items()}
+                    for layer, m in plan["masks"].items()}
+    slice_model(model, model_structure(model), masks)
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "decoder" in k}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path}: checkpoint does not match the pruned model (missing {sorted(missing)[:3]},"
+                         f" unexpected {sorted(unexpected)[:3]})")
+    if tied:
+        model.tie_weights()
+    return model.eval()

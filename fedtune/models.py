@@ -206,20 +206,25 @@ def cached_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     return _BASE_CACHE[key]
 
 
-def default_target_modules(architecture: str) -> list[str]:
-    if architecture in ("bert", "roberta", "distilbert"):
-        return ["query", "value"] if architecture != "distilbert" else ["q_lin", "v_lin"]
+def default_target_modules(architecture: str, pruning: bool = False) -> list[str]:
+    """Query/value projections; with pruning, every prunable linear (LoRAPrune needs their gradients)."""
+    if architecture in ("bert", "roberta"):
+        return ["query", "key", "value", "dense"] if pruning else ["query", "value"]
+    if architecture == "distilbert":
+        return ["q_lin", "v_lin"]
+    if pruning:
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return ["q_proj", "v_proj"]
 
 
 # ------------------------------------------------------------------------------ LoRA
 
 
-def attach_lora(base: BaseModel, rank: int, lora: LoraSettings) -> Any:
+def attach_lora(base: BaseModel, rank: int, lora: LoraSettings, pruning: bool = False) -> Any:
     """Inject fresh LoRA layers of ``rank`` into the cached base model (in place)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = list(lora.target_modules) or default_target_modules(base.architecture)
+    targets = list(lora.target_modules) or default_target_modules(base.architecture, pruning)
     peft_cfg = LoraConfig(r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           bias="none")
     try:

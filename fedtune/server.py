@@ -22,8 +22,9 @@ from flwr.serverapp import Grid
 
 from fedtune.config import ExperimentConfig, config_to_toml
 from fedtune.data import cached_federated_data
-from fedtune.export import load_checkpoint, save_checkpoint, save_peft_adapter
+from fedtune.export import export_pruned_model, load_checkpoint, save_checkpoint, save_peft_adapter
 from fedtune.models import cached_base_model
+from fedtune.pruning import model_structure
 from fedtune.records import state_to_record, record_to_state
 from fedtune.report import MetricsWriter, format_progress, plot_metrics, read_metrics, summarize
 from fedtune.training import evaluate_global, head_state, lora_shapes, tokenize
@@ -61,6 +62,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
     else:
         state = strategy.initial_state(lora_shapes(base, cfg), head_state(base))
     strategy.set_state(state)
+    if cfg.prune.enabled:
+        strategy.structure = model_structure(base.model)
     writer = MetricsWriter(out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
     experiment_toml = config_to_toml(cfg)
     num_rounds = cfg.federation.num_rounds
@@ -100,12 +103,19 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         _say(format_progress(rec, num_rounds))
 
     adapter_dir = save_peft_adapter(state, cfg, out_dir / "adapter")
+    client_models: dict[str, Any] = {}
+    if cfg.prune.enabled and cfg.prune.export_client_models and strategy.client_masks:
+        _say(f"exporting {len(strategy.client_masks)} pruned client models to {out_dir / 'clients'}")
+        for cid, masks in sorted(strategy.client_masks.items()):
+            payload = strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds))
+            client_models[str(cid)] = export_pruned_model(payload, masks, cfg, out_dir / "clients" / str(cid) / "model")
     records = read_metrics(out_dir / "metrics.jsonl")
     plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.name}: {type(strategy).__name__}")
     summary = summarize(records, {
         "name": cfg.name, "strategy": type(strategy).__name__, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "num_clients": cfg.federation.num_clients,
         "adapter_dir": str(adapter_dir), "plot": str(plot) if plot else None,
+        **({"client_models": client_models} if client_models else {}),
     })
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _say(f"done in {summary['wall_time_s']:.1f}s; summary: {out_dir / 'summary.json'}")

@@ -105,7 +105,7 @@ class LocalResult:
 
 def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
     """Inject LoRA at ``rank``, load the state's factors and head, hook its frozen part."""
-    peft_model = attach_lora(base, rank, cfg.lora)
+    peft_model = attach_lora(base, rank, cfg.lora, cfg.prune.enabled)
     try:
         if state.adapter:
             load_factors(peft_model, state.adapter)
@@ -240,7 +240,7 @@ def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg:
 
 def lora_shapes(base: BaseModel, cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of every module LoRA targets in this base model."""
-    peft_model = attach_lora(base, 1, cfg.lora)
+    peft_model = attach_lora(base, 1, cfg.lora, cfg.prune.enabled)
     try:
         return module_shapes(peft_model)
     finally:

@@ -33,8 +33,10 @@ from fedtune.adapters import (
     GlobalAdapter,
     init_factors,
     is_finite_adapter,
+    scale_for_holders,
     truncate_factors,
 )
+from fedtune.pruning import LayerStructure, Masks, masks_from_tensors, module_keep
 from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.records import RecordError, record_to_factors, record_to_state, state_to_record
 
@@ -87,6 +89,8 @@ class LoraStrategy(Strategy):
         self.round_clients: dict[int, list[dict[str, Any]]] = {}  # per-round client records
         self.round_bytes: dict[int, dict[str, int]] = {}
         self._sent: dict[int, tuple[int, int, float]] = {}  # node -> (client id, rank, send time)
+        self.structure: list[LayerStructure] | None = None  # prunable structure groups of the model
+        self.client_masks: dict[int, Masks] = {}  # latest pruning masks each client reported
 
     # ------------------------------------------------------------------ the hook to override
 
@@ -115,6 +119,10 @@ class LoraStrategy(Strategy):
     def rank_for(self, client_id: int, server_round: int) -> int:
         """The LoRA rank a client trains at this round (static: from the config)."""
         return self.experiment.lora.rank_for(client_id)
+
+    def prune_ratio_for(self, client_id: int, server_round: int) -> float:
+        """The sparsity a client prunes toward this round (static: from the config)."""
+        return self.experiment.prune.ratio_for(client_id)
 
     def client_payload(self, state: GlobalAdapter, client_id: int, rank: int) -> GlobalAdapter:
         """What one client receives: the global adapter projected to its rank (truncation)."""
@@ -184,7 +192,7 @@ class LoraStrategy(Strategy):
             cfg = ConfigRecord(dict(config))
             cfg.update({
                 "server-round": server_round, "client-id": client_id, "rank": rank,
-                "train-a": self.trains_a,
+                "train-a": self.trains_a, "prune-ratio": float(self.prune_ratio_for(client_id, server_round)),
             })
             bytes_down += payload.count_bytes()
             messages.append(Message(RecordDict({"arrays": payload, "config": cfg}),
@@ -223,9 +231,27 @@ class LoraStrategy(Strategy):
         if n <= 0:
             raise ValueError(f"num-examples must be positive, got {n}")
         loss = float(metrics.get("train-loss", math.nan))
+        keep: dict[str, tuple[str, torch.Tensor]] = {}
+        if "masks" in reply.content.array_records:
+            masks = self._decode_masks(reply.content["masks"])
+            keep = {m: k for m, k in module_keep(self.structure or [], masks).items() if m in factors}
+            self.client_masks[client_id] = masks
         return ClientUpdate(client_id=client_id, rank=rank, factors=factors, head=head, num_examples=n,
                             train_loss=loss, metrics={k: float(v) for k, v in metrics.items()
-                                                      if isinstance(v, (int, float))})
+                                                      if isinstance(v, (int, float))}, keep=keep)
+
+    def _decode_masks(self, record: ArrayRecord) -> Masks:
+        if self.structure is None:
+            raise ValueError("client sent pruning masks but the server knows no model structure")
+        try:
+            masks = masks_from_tensors(record.to_torch_state_dict())
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"malformed pruning masks: {exc}") from exc
+        for ls in self.structure:
+            m = masks.get(ls.layer, {})
+            if set(m) != {"attn", "ffn"} or m["attn"].shape != (ls.num_units,) or m["ffn"].shape != (ls.ffn_dim,):
+                raise ValueError(f"pruning masks of layer {ls.layer} do not match the model's structure")
+        return masks
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -256,6 +282,7 @@ class LoraStrategy(Strategy):
                 records.append(rec)
                 continue
             rec.update(status="ok", train_loss=update.train_loss, num_examples=update.num_examples,
+                       prune_ratio=update.metrics.get("prune-ratio", 0.0),
                        train_time_s=update.metrics.get("train-time-s", math.nan),
                        reply_s=round(time.time() - sent_at, 3))
             updates.append(update)
@@ -269,7 +296,7 @@ class LoraStrategy(Strategy):
         if not updates:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged", server_round)
             return None, None
-        new_state = self.aggregate(updates, self.current)
+        new_state = self.aggregate(scale_for_holders(updates), self.current)
         bad = is_finite_adapter(new_state.adapter, new_state.head) or is_finite_adapter(new_state.frozen)
         if bad is not None:
             log(WARNING, "round %d: aggregation produced non-finite %s; keeping the previous adapter", server_round, bad)

@@ -168,3 +168,23 @@ def test_flwr_run_against_a_simulation_superlink(tmp_path):
             link.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(link.pid, signal.SIGKILL)
+
+
+def test_clients_prune_while_training_and_export_their_models(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("simulate", "--config", str(SMOKE), "--out", str(out), "--set", "prune.ratio=0.5",
+                   "--set", "prune.interval=1", "--set", 'prune.ratio_overrides={"3" = 0.25}')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    r1 = {c["client_id"]: c for c in lines[1]["clients"]}
+    r2 = {c["client_id"]: c for c in lines[2]["clients"]}
+    for cid in (0, 1, 2):
+        assert 0.4 < r1[cid]["prune_ratio"] <= r2[cid]["prune_ratio"] < 0.6
+    assert 0.15 < r2[3]["prune_ratio"] < 0.35
+    from fedtune.export import load_pruned_model
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["client_models"]) == {"0", "1", "2", "3"}
+    model = load_pruned_model(out / "clients" / "0" / "model")
+    assert sum(p.numel() for p in model.parameters()) == summary["client_models"]["0"]["params_after"]
+    assert summary["client_models"]["0"]["params_after"] < summary["client_models"]["3"]["params_after"]

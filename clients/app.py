@@ -119,6 +119,9 @@ def train(msg: Message, context: Context) -> Message:
             "train-time-s": result.train_time_s,
             "handle-time-s": time.perf_counter() - t0,
             "steps": result.steps,
+            "tokens": result.tokens,
+            "loss-start": result.loss_start,
+            "loss-end": result.loss_end,
             "rank": rank,
             "client-id": client_id,
         })

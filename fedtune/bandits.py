@@ -4,8 +4,8 @@ FedSpine (arXiv 2501.02438) learns, per device and from observed outcomes only, 
 pruning ratio and LoRA rank to assign; its S-UCB formula is not public, so
 :class:`SUCB` here is a documented reconstruction:
 
-- an arm is ``(ratio, rank)``; ranks are a finite set, the ratio axis ``[lo, hi)`` is
-  partitioned adaptively per rank: a cell pulled ``split_after`` times is split in two
+- an arm is ``(ratio, rank)``; ranks are a finite set, the ratio axis ``[lo, hi)`` starts
+  as ``initial_cells`` equal cells per rank and is partitioned adaptively: a cell pulled ``split_after`` times is split in two
   (as FedMP's E-UCB does, Jiang et al. 2022), so the search refines where it is pulled;
 - statistics are discounted by ``gamma`` each round (rewards drift as training converges):
   ``N_c <- gamma N_c + [c pulled]``, ``S_c <- gamma S_c + [c pulled] r``;
@@ -279,7 +279,8 @@ class AdaptiveUCB(_PerClient):
     """
 
     def __init__(self, ranks: list[int], ratio_range: tuple[float, float] = (0.0, 0.6), *, gamma: float = 0.98,
-                 c: float = 0.1, split_after: int = 4, min_width: float = 0.1, seed: int = 0) -> None:
+                 c: float = 0.1, split_after: int = 4, min_width: float = 0.1, initial_cells: int = 2,
+                 seed: int = 0) -> None:
         super().__init__(seed)
         if not ranks:
             raise ValueError("a bandit needs at least one rank")
@@ -288,10 +289,13 @@ class AdaptiveUCB(_PerClient):
             raise ValueError(f"ratio_range must satisfy 0 <= lo < hi < 1, got {ratio_range}")
         self.ranks, self.lo, self.hi = list(ranks), lo, hi
         self.gamma, self.c, self.split_after, self.min_width = gamma, c, split_after, min_width
+        self.initial_cells = max(1, int(initial_cells))
 
     def new_learner(self, client_id: int) -> dict[str, Any]:
         # a cell: [lo, hi, rank, n (discounted), s (discounted), pulls since creation]
-        return {"cells": [[self.lo, self.hi, r, 0.0, 0.0, 0] for r in self.ranks]}
+        k, width = self.initial_cells, (self.hi - self.lo) / self.initial_cells
+        return {"cells": [[self.lo + i * width, self.lo + (i + 1) * width, r, 0.0, 0.0, 0]
+                          for r in self.ranks for i in range(k)]}
 
     def _pick(self, client_id: int) -> list[Any]:
         cells = self.learner(client_id)["cells"]

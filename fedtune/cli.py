@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set federation.num_rounds=5 (repeatable)")
         sp.add_argument("--strategy", help="aggregation strategy: registry name, module:Class or file.py:Class")
+        sp.add_argument("--policy", help="bandit policy of the fedspine strategy: name, module:Class or file.py:Class")
 
     sim = sub.add_parser("simulate", help="run an experiment on Flower's simulation engine (Ray)")
     common(sim)
@@ -39,6 +40,8 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     overrides = list(args.overrides)
     if args.strategy:
         overrides.append(f"federation.strategy={json.dumps(args.strategy)}")
+    if args.policy:
+        overrides.append(f"policy.name={json.dumps(args.policy)}")
     return load_config(args.config, overrides)
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "TrainConfig",
     "FederationConfig",
     "PruneConfig",
+    "FleetConfig",
+    "PolicyConfig",
     "SimulationConfig",
     "ExperimentConfig",
     "load_config",
@@ -194,6 +196,38 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    # device mix, e.g. {jetson-tx2 = 30, jetson-xavier-nx = 40, jetson-agx-xavier = 10}; client i gets
+    # the i-th device of the expanded mix. Empty = no fleet: no simulated clock.
+    devices: dict[str, int] = field(default_factory=dict)
+    profiles: str = ""  # a TOML file of extra or overriding device profiles
+    deadline_s: float = 0.0  # simulated round deadline; stragglers past it are dropped (0 = none)
+    dtype: str = "fp32"  # compute dtype for the devices' peak throughput
+
+    def __post_init__(self) -> None:
+        if self.deadline_s < 0:
+            raise ConfigError(f"fleet.deadline_s: must be >= 0, got {self.deadline_s}")
+        _one_of("fleet.dtype", self.dtype, ("fp32", "fp16", "bf16", "int8"))
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "s-ucb"  # bandit of the fedspine strategy: registry name, module:Class or file.py:Class
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # arm grid / range
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
+    target_sparsity: float = 0.3  # the reward's pruning-progress target
+    args: dict[str, Any] = field(default_factory=dict)  # policy constructor options
+
+    def __post_init__(self) -> None:
+        if not self.ratios or any(not 0.0 <= r < 1.0 for r in self.ratios):
+            raise ConfigError(f"policy.ratios: need ratios in [0, 1), got {self.ratios}")
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ConfigError(f"policy.ranks: need positive ranks, got {self.ranks}")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ConfigError(f"policy.target_sparsity: must be in [0, 1), got {self.target_sparsity}")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     backend: str = "ray"
     num_cpus_per_client: float = 1.0
@@ -217,9 +251,20 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
+    @property
+    def prunes(self) -> bool:
+        """Whether clients may prune: a static ratio, or the fedspine bandit with ratios above 0."""
+        return self.prune.enabled or (self.federation.strategy == "fedspine" and max(self.policy.ratios) > 0)
+
     def __post_init__(self) -> None:
+        n_devices = sum(self.fleet.devices.values())
+        if self.fleet.devices and n_devices != self.federation.num_clients:
+            raise ConfigError(f"fleet.devices: the mix has {n_devices} devices but federation.num_clients ="
+                              f" {self.federation.num_clients}")
         if self.federation.min_clients > self.federation.num_clients:
             raise ConfigError(
                 f"federation.min_clients: {self.federation.min_clients} exceeds"

@@ -45,7 +45,7 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
     factors = combined_factors(state)
     rank = next(iter(factors.values()))[0].shape[0]
     head_modules = sorted({n.rsplit(".", 1)[0] for n in base.head_names})
-    targets = list(cfg.lora.target_modules) or default_target_modules(base.architecture, cfg.prune.enabled)
+    targets = list(cfg.lora.target_modules) or default_target_modules(base.architecture, cfg.prunes)
     task = TaskType.SEQ_CLS if cfg.model.task == "classification" else TaskType.CAUSAL_LM
     peft_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type=task,
                           modules_to_save=head_modules or None)

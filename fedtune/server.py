@@ -55,14 +55,20 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
 
     ckpt_dir = out_dir / "checkpoint"
     start_round, elapsed_before = 0, 0.0
+    if cfg.fleet.devices:
+        from fedtune.clock import FleetSimulator
+
+        strategy.fleet = FleetSimulator.from_config(cfg, base.model, model_structure(base.model))
+        strategy.structure = strategy.structure or model_structure(base.model)
     if resume and (ckpt_dir / "meta.json").is_file():
         state, meta = load_checkpoint(ckpt_dir)
         start_round, elapsed_before = int(meta["round"]), float(meta.get("wall_time_s", 0.0))
+        strategy.load_state_dict(meta.get("strategy", {}))
         _say(f"resuming from checkpoint after round {start_round}")
     else:
         state = strategy.initial_state(lora_shapes(base, cfg), head_state(base))
     strategy.set_state(state)
-    if cfg.prune.enabled:
+    if cfg.prunes:
         strategy.structure = model_structure(base.model)
     writer = MetricsWriter(out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
     experiment_toml = config_to_toml(cfg)
@@ -79,6 +85,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
 
     if start_round == 0:
         rec = {"round": 0, "wall_time_s": 0.0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": []}
+        if strategy.fleet is not None:
+            rec["sim_time_s"] = 0.0
         rec["wall_time_s"] = elapsed()
         writer.write(rec)
         _say(format_progress(rec, num_rounds))
@@ -97,14 +105,17 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         rec["train_loss"] = float(agg["train-loss"]) if agg is not None else None
         rec.update(strategy.round_bytes.get(rnd, {"bytes_up": 0, "bytes_down": 0}))
         rec["clients"] = strategy.round_clients.get(rnd, [])
+        if strategy.fleet is not None:
+            rec["sim_time_s"] = round(strategy.sim_time_s, 3)
+            rec["round_sim_s"] = round(strategy.round_sim_s.get(rnd, 0.0), 3)
         rec["wall_time_s"] = elapsed()
         writer.write(rec)
-        save_checkpoint(state, rnd, ckpt_dir, {"wall_time_s": rec["wall_time_s"]})
+        save_checkpoint(state, rnd, ckpt_dir, {"wall_time_s": rec["wall_time_s"], "strategy": strategy.state_dict()})
         _say(format_progress(rec, num_rounds))
 
     adapter_dir = save_peft_adapter(state, cfg, out_dir / "adapter")
     client_models: dict[str, Any] = {}
-    if cfg.prune.enabled and cfg.prune.export_client_models and strategy.client_masks:
+    if cfg.prunes and cfg.prune.export_client_models and strategy.client_masks:
         _say(f"exporting {len(strategy.client_masks)} pruned client models to {out_dir / 'clients'}")
         for cid, masks in sorted(strategy.client_masks.items()):
             payload = strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds))

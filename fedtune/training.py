@@ -98,6 +98,9 @@ class LocalResult:
     num_examples: int
     train_time_s: float  # wall time of the local steps (excludes message handling)
     steps: int
+    tokens: int = 0  # token positions processed (padded batches), for the cost model
+    loss_start: float = float("nan")  # mean loss of the first quarter of the steps
+    loss_end: float = float("nan")  # mean loss of the last quarter
     masks: Masks | None = None  # pruning masks after this round (True = kept)
     scores: dict[int, dict[str, torch.Tensor]] | None = None  # EMA group importance
     sparsity: float = 0.0  # fraction of prunable parameters removed
@@ -105,7 +108,7 @@ class LocalResult:
 
 def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
     """Inject LoRA at ``rank``, load the state's factors and head, hook its frozen part."""
-    peft_model = attach_lora(base, rank, cfg.lora, cfg.prune.enabled)
+    peft_model = attach_lora(base, rank, cfg.lora, cfg.prunes)
     try:
         if state.adapter:
             load_factors(peft_model, state.adapter)
@@ -173,11 +176,13 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             pruner.enforce()
         peft_model.train()
         losses = []
+        tokens = 0
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout draws from the global generator
             for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
                 batch = _collate(data, idx, pad_id, base.config.task)
+                tokens += batch["input_ids"].numel()
                 if log_prior is None:
                     loss = peft_model(**batch).loss
                 else:
@@ -199,8 +204,10 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
         if pruner is not None:
             pruner.close()
         _release(peft_model, base, handles, own_head)
+    k = max(1, len(losses) // 4)
     result = LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),
-                         train_time_s=elapsed, steps=len(losses))
+                         train_time_s=elapsed, steps=len(losses), tokens=tokens,
+                         loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k)
     if pruner is not None:
         result.masks, result.scores = pruner.masks, pruner.scores
         result.sparsity = sparsity(pruner.structure, pruner.masks, base.model.config.hidden_size)
@@ -244,7 +251,7 @@ def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg:
 
 def lora_shapes(base: BaseModel, cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of every module LoRA targets in this base model."""
-    peft_model = attach_lora(base, 1, cfg.lora, cfg.prune.enabled)
+    peft_model = attach_lora(base, 1, cfg.lora, cfg.prunes)
     try:
         return module_shapes(peft_model)
     finally:

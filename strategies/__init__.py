@@ -2,6 +2,7 @@
 
 from strategies.base import LoraStrategy, weighted_head_average
 from strategies.fedit import FedIT
+from strategies.fedspine import FedSpine
 from strategies.ffalora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -9,6 +10,6 @@ from strategies.hetlora import HetLoRA
 from strategies.registry import STRATEGIES, build_strategy, register_strategy, strategy_class
 
 __all__ = [
-    "LoraStrategy", "weighted_head_average", "FedIT", "HetLoRA", "FlexLoRA", "FLoRA", "FFALoRA",
+    "LoraStrategy", "weighted_head_average", "FedIT", "HetLoRA", "FlexLoRA", "FLoRA", "FFALoRA", "FedSpine",
     "STRATEGIES", "register_strategy", "strategy_class", "build_strategy",
 ]

@@ -91,6 +91,11 @@ class LoraStrategy(Strategy):
         self._sent: dict[int, tuple[int, int, float]] = {}  # node -> (client id, rank, send time)
         self.structure: list[LayerStructure] | None = None  # prunable structure groups of the model
         self.client_masks: dict[int, Masks] = {}  # latest pruning masks each client reported
+        self.fleet: Any = None  # fedtune.clock.FleetSimulator when a device fleet is simulated
+        self.sim_time_s = 0.0  # cumulative simulated seconds
+        self.round_sim_s: dict[int, float] = {}
+        self._bytes_down: dict[int, int] = {}
+        self._prefailed: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ the hook to override
 
@@ -174,7 +179,11 @@ class LoraStrategy(Strategy):
         self.discover_clients(grid)
         nodes = sorted(nodes, key=lambda n: self.node_clients[n])
         rng = random.Random(self.experiment.seed * 1_000_003 + server_round)
-        chosen = rng.sample(nodes, fed.sample_size(len(nodes)))
+        size = fed.sample_size(len(nodes))
+        if self.fleet is not None:  # only devices that take part this round can be sampled
+            nodes = [n for n in nodes if self.fleet.available(self.node_clients[n], server_round)]
+            size = min(size, len(nodes))
+        chosen = rng.sample(nodes, size)
         return sorted(chosen, key=lambda n: self.node_clients[n])
 
     def configure_train(
@@ -184,17 +193,27 @@ class LoraStrategy(Strategy):
         self.set_state(state)
         messages = []
         self._sent = {}
+        self._bytes_down = {}
+        self._prefailed = []
         bytes_down = 0
         for node in self.sample_nodes(grid, server_round):
             client_id = self.node_clients[node]
             rank = self.rank_for(client_id, server_round)
+            if self.fleet is not None:
+                reason = self.fleet.precheck(client_id, rank, self.client_masks.get(client_id))
+                if reason is not None:  # the device could not even start: nothing is sent
+                    self._prefailed.append({"client_id": client_id, "node_id": node, "rank": rank, "status": "failed",
+                                            "reason": reason, "device": self.fleet.device(client_id).name,
+                                            "sim_seconds": 0.0})
+                    continue
             payload = state_to_record(self.client_payload(state, client_id, rank))
             cfg = ConfigRecord(dict(config))
             cfg.update({
                 "server-round": server_round, "client-id": client_id, "rank": rank,
                 "train-a": self.trains_a, "prune-ratio": float(self.prune_ratio_for(client_id, server_round)),
             })
-            bytes_down += payload.count_bytes()
+            self._bytes_down[node] = payload.count_bytes()
+            bytes_down += self._bytes_down[node]
             messages.append(Message(RecordDict({"arrays": payload, "config": cfg}),
                                     dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
@@ -271,6 +290,8 @@ class LoraStrategy(Strategy):
             seen.add(node)
             client_id, rank, sent_at = self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
             rec: dict[str, Any] = {"client_id": client_id, "node_id": node, "rank": rank}
+            if self.fleet is not None:
+                rec["device"] = self.fleet.device(client_id).name
             if reply.has_error():
                 rec.update(status="failed", reason=str(reply.error.reason))
                 log(WARNING, "round %d: client %d failed: %s", server_round, client_id, reply.error.reason)
@@ -287,15 +308,24 @@ class LoraStrategy(Strategy):
                 continue
             rec.update(status="ok", train_loss=update.train_loss, num_examples=update.num_examples,
                        prune_ratio=update.metrics.get("prune-ratio", 0.0),
+                       loss_start=update.metrics.get("loss-start", math.nan),
+                       loss_end=update.metrics.get("loss-end", math.nan),
                        train_time_s=update.metrics.get("train-time-s", math.nan),
                        reply_s=round(time.time() - sent_at, 3))
+            if self.fleet is not None and not self._simulate_cost(server_round, node, update, rec, reply):
+                records.append(rec)
+                continue
             updates.append(update)
             records.append(rec)
         for node, (client_id, rank, _) in self._sent.items():
             if node not in seen:
                 records.append({"client_id": client_id, "node_id": node, "rank": rank,
                                 "status": "failed", "reason": "no reply before the round timeout"})
+        records += self._prefailed
+        if self.fleet is not None:
+            self._advance_clock(server_round, records)
         self.round_clients[server_round] = sorted(records, key=lambda r: r["client_id"])
+        self.after_round(server_round, self.round_clients[server_round])
         self.round_bytes.setdefault(server_round, {"bytes_down": 0})["bytes_up"] = bytes_up
         if not updates:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged", server_round)
@@ -313,6 +343,46 @@ class LoraStrategy(Strategy):
             "num-ok": len(updates),
         })
         return state_to_record(new_state), metrics
+
+    def _simulate_cost(self, server_round: int, node: int, update: ClientUpdate, rec: dict[str, Any],
+                       reply: Message) -> bool:
+        """Cost of an ok client-round on its device; False if it ran out of memory or missed the deadline."""
+        cost = self.fleet.cost(
+            update.client_id, server_round, rank=update.rank, masks=self.client_masks.get(update.client_id),
+            steps=int(update.metrics.get("steps", self.experiment.train.local_steps)),
+            tokens=int(update.metrics.get("tokens", 0)), bytes_down=self._bytes_down.get(node, 0),
+            bytes_up=reply.content["arrays"].count_bytes())
+        rec.update(device=self.fleet.device(update.client_id).name, sim_seconds=round(cost.total_s, 3),
+                   sim_compute_s=round(cost.compute_s, 3), sim_comm_s=round(cost.comm_s, 3),
+                   peak_mem_gb=round(cost.peak_mem_gb, 3))
+        deadline = self.experiment.fleet.deadline_s
+        if cost.oom:
+            rec.update(status="failed", reason=f"out of memory on {rec['device']}: needs {cost.peak_mem_gb:.2f} GB")
+            return False
+        if deadline and cost.total_s > deadline:
+            rec.update(status="dropped", reason=f"missed the deadline: {cost.total_s:.1f}s > {deadline:.1f}s")
+            return False
+        return True
+
+    def _advance_clock(self, server_round: int, records: list[dict[str, Any]]) -> None:
+        """A synchronous round lasts as long as its slowest survivor, or the deadline if any was dropped."""
+        survivors = [r["sim_seconds"] for r in records if r["status"] == "ok" and "sim_seconds" in r]
+        deadline = self.experiment.fleet.deadline_s
+        length = max(survivors, default=0.0)
+        if deadline and any(r["status"] == "dropped" for r in records):
+            length = deadline
+        self.round_sim_s[server_round] = length
+        self.sim_time_s += length
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable strategy state saved with every checkpoint (restored on resume)."""
+        return {"sim_time_s": self.sim_time_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sim_time_s = float(state.get("sim_time_s", 0.0))
+
+    def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
+        """Called with the round's per-client records (outcomes) after aggregation; a hook for policies."""
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -8,6 +8,7 @@ from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.plugins import load_plugin
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
+from strategies.fedspine import FedSpine
 from strategies.ffalora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -28,7 +29,7 @@ def register_strategy(name: str, cls: type[LoraStrategy]) -> type[LoraStrategy]:
     return cls
 
 
-for _cls in (FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA):
+for _cls in (FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA, FedSpine):
     register_strategy(_cls.name, _cls)
 
 

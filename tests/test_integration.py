@@ -188,3 +188,28 @@ def test_clients_prune_while_training_and_export_their_models(tmp_path):
     model = load_pruned_model(out / "clients" / "0" / "model")
     assert sum(p.numel() for p in model.parameters()) == summary["client_models"]["0"]["params_after"]
     assert summary["client_models"]["0"]["params_after"] < summary["client_models"]["3"]["params_after"]
+
+
+def test_fedspine_on_a_fleet_smoke(tmp_path):
+    """simulations/fleet_smoke.toml: 10 devices of 3 classes, S-UCB picks rank and ratio per client."""
+    out = tmp_path / "run"
+    proc = run_cli("simulate", "--config", str(ROOT / "simulations" / "fleet_smoke.toml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [r["sim_time_s"] for r in lines]
+    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
+    clients = [c for r in lines[1:] for c in r["clients"] if c["status"] == "ok"]
+    for c in clients:
+        for key in ("device", "prune_ratio", "sim_seconds", "peak_mem_gb", "reward", "arm"):
+            assert key in c
+    assert {c["device"] for c in clients} == {"jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier"}
+    assert len({c["rank"] for c in clients}) > 1 and len({c["arm"]["ratio"] for c in clients}) > 1
+    by_client = {}
+    for c in clients:
+        by_client.setdefault(c["client_id"], []).append((c["rank"], c["arm"]["ratio"]))
+    assert any(len(set(v)) > 1 for v in by_client.values())  # choices change over rounds
+    tx2 = [c["sim_seconds"] / c["rank"] for c in clients if c["device"] == "jetson-tx2"]
+    agx = [c["sim_seconds"] / c["rank"] for c in clients if c["device"] == "jetson-agx-xavier"]
+    assert min(tx2) > max(agx)  # the slow class is slower for the same work
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert meta["strategy"]["policy"]["learners"] and meta["strategy"]["sim_time_s"] == times[-1]

@@ -1,0 +1,89 @@
+"""The simulated fleet clock: which clients are available, what a client-round costs on
+its device, who runs out of memory or misses the deadline, and how long a round lasts.
+
+A synchronous round lasts as long as its slowest surviving client, or the deadline when
+stragglers were dropped. Costs follow :mod:`fedtune.cost` from the client's actual work
+(steps and tokens it reports, its rank, its pruned shapes, the bytes really sent each
+way). Randomness (availability, speed jitter) is seeded by ``(seed, round, client)``.
+Only the server-side simulator reads device profiles; policies see the outcomes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune.config import ExperimentConfig
+from fedtune.cost import ClientCost, client_round_cost, model_shape, peak_memory_bytes, train_flops
+from fedtune.fleet import DeviceProfile, build_fleet, load_profiles
+from fedtune.pruning import LayerStructure, Masks
+
+__all__ = ["FleetSimulator", "time_to_target"]
+
+
+def _rng(seed: int, server_round: int, client_id: int, salt: int) -> random.Random:
+    return random.Random(((seed * 1_000_003 + server_round) * 10_007 + client_id) * 31 + salt)
+
+
+@dataclass
+class FleetSimulator:
+    cfg: ExperimentConfig
+    devices: list[DeviceProfile]
+    model_config: Any
+    structure: list[LayerStructure]
+    embedding_params: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, model: Any, structure: list[LayerStructure]) -> FleetSimulator:
+        devices = build_fleet(cfg.fleet.devices, load_profiles(cfg.fleet.profiles or None))
+        prunable = sum(o * i for shapes in model_shape(model.config, structure).layers for o, i in shapes.values())
+        total = sum(p.numel() for p in model.parameters())
+        return cls(cfg, devices, model.config, structure, total - prunable)
+
+    def device(self, client_id: int) -> DeviceProfile:
+        return self.devices[client_id % len(self.devices)]
+
+    def available(self, client_id: int, server_round: int) -> bool:
+        return _rng(self.cfg.seed, server_round, client_id, 1).random() < self.device(client_id).availability
+
+    def speed_factor(self, client_id: int, server_round: int) -> float:
+        jitter = self.device(client_id).jitter
+        return math.exp(_rng(self.cfg.seed, server_round, client_id, 2).gauss(0.0, jitter)) if jitter else 1.0
+
+    def _lora_modules(self) -> set[str] | None:
+        return None  # LoRA on every prunable module is the conservative (largest) estimate
+
+    def peak_gb(self, rank: int, masks: Masks | None, batch: int, seq: int) -> float:
+        shape = model_shape(self.model_config, self.structure, masks, self.embedding_params)
+        head = 0 if self.cfg.model.task != "classification" else shape.hidden * (self.cfg.model.num_labels + 1)
+        return peak_memory_bytes(shape, batch, seq, rank, self.cfg.model.quantization, self._lora_modules(),
+                                 trainable_extra=head) / 1e9
+
+    def precheck(self, client_id: int, rank: int, masks: Masks | None) -> str | None:
+        """The OOM reason for this configuration at the worst-case sequence length, else None."""
+        dev = self.device(client_id)
+        gb = self.peak_gb(rank, masks, self.cfg.train.batch_size, self.cfg.model.max_length)
+        if gb > dev.memory_gb:
+            return f"out of memory on {dev.name}: needs {gb:.2f} GB, has {dev.memory_gb:.2f} GB"
+        return None
+
+    def cost(self, client_id: int, server_round: int, *, rank: int, masks: Masks | None, steps: int,
+             tokens: int, bytes_down: int, bytes_up: int) -> ClientCost:
+        batch = self.cfg.train.batch_size
+        seq = max(1, round(tokens / max(steps * batch, 1)))
+        shape = model_shape(self.model_config, self.structure, masks, self.embedding_params)
+        flops = train_flops(shape, batch, seq, rank, self._lora_modules(), causal_lm=self.cfg.model.task != "classification")
+        return client_round_cost(self.device(client_id), flops_per_step=flops, steps=steps, bytes_down=bytes_down,
+                                 bytes_up=bytes_up, peak_bytes=self.peak_gb(rank, masks, batch, seq) * 1e9,
+                                 dtype=self.cfg.fleet.dtype, speed_factor=self.speed_factor(client_id, server_round))
+
+
+def time_to_target(records: list[dict[str, Any]], target: float, metric: str = "eval_accuracy") -> float | None:
+    """Simulated seconds until ``metric`` first reaches ``target`` (None if it never does)."""
+    for rec in records:
+        value = rec.get(metric)
+        if value is not None and value >= target:
+            return float(rec.get("sim_time_s", 0.0))
+    return None

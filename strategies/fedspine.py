@@ -1,0 +1,110 @@
+"""FedSpine: a bandit assigns every sampled client its (pruning ratio, LoRA rank) each round.
+
+FedSpine (arXiv 2501.02438): each device prunes and fine-tunes with the configuration a
+multi-armed bandit picks from observed outcomes only (loss, pruning reached, completion
+time; no device profiles). This strategy asks the policy (``policy.name``, any
+:class:`fedtune.bandits.Policy`, by registry name, ``module:Class`` or ``file.py:Class``)
+for each sampled client's arm, sends each node its own rank-projected adapter and target
+ratio, aggregates the heterogeneous ranks with FlexLoRA (default) or HetLoRA, and feeds
+each client's reward (:func:`fedtune.rewards.fedspine_reward`) back. The policy's state is
+saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter
+from fedtune.bandits import POLICIES, Arm, Policy, make_policy
+from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.plugins import load_plugin
+from fedtune.rewards import fedspine_reward
+from strategies.base import LoraStrategy
+from strategies.flexlora import aggregate_flexlora
+from strategies.hetlora import aggregate_hetlora
+
+
+def build_policy(experiment: ExperimentConfig) -> Any:
+    spec, pc = experiment.policy.name, experiment.policy
+    kwargs = dict(pc.args)
+    if ":" in spec:
+        cls = load_plugin(spec, {}, object, "policy.name")
+        try:
+            policy = cls(ratios=list(pc.ratios), ranks=list(pc.ranks), seed=experiment.seed, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"policy.name: {spec!r} could not be built: {exc}") from exc
+        if not isinstance(policy, Policy):
+            raise ConfigError(f"policy.name: {spec!r} lacks assign/update/state_dict/load_state_dict")
+        return policy
+    if spec == "static":
+        raise ConfigError("policy.name: 'static' needs per-class arms; use lora.ranks and prune.ratio_overrides"
+                          " with another strategy for a static baseline")
+    try:
+        return make_policy(spec, ratios=list(pc.ratios), ranks=list(pc.ranks), seed=experiment.seed, **kwargs)
+    except KeyError:
+        raise ConfigError(f"policy.name: unknown policy {spec!r} (registered: {', '.join(sorted(POLICIES))};"
+                          " or module:Class or path/to/file.py:Class)") from None
+    except TypeError as exc:
+        raise ConfigError(f"policy.args: {exc}") from exc
+
+
+class FedSpine(LoraStrategy):
+    name = "fedspine"
+
+    def __init__(self, experiment: ExperimentConfig, *, aggregation: str = "flexlora", **options: Any) -> None:
+        if aggregation not in ("flexlora", "hetlora"):
+            raise ConfigError(f"federation.strategy_args.aggregation: 'flexlora' or 'hetlora', got {aggregation!r}")
+        options.setdefault("global_rank", max(experiment.policy.ranks))
+        super().__init__(experiment, **options)
+        self.aggregation = aggregation
+        self.policy = build_policy(experiment)
+        self.arms: dict[tuple[int, int], Arm] = {}
+        self.prev_loss: dict[int, float] = {}
+
+    def arm(self, client_id: int, server_round: int) -> Arm:
+        key = (server_round, client_id)
+        if key not in self.arms:
+            self.arms[key] = self.policy.assign(client_id, server_round)
+        return self.arms[key]
+
+    def rank_for(self, client_id: int, server_round: int) -> int:
+        return int(self.arm(client_id, server_round).rank)
+
+    def prune_ratio_for(self, client_id: int, server_round: int) -> float:
+        return float(self.arm(client_id, server_round).ratio)
+
+    def aggregate_adapters(self, updates: list[ClientUpdate], current: GlobalAdapter) -> Factors:
+        if self.aggregation == "hetlora":
+            return aggregate_hetlora(updates, self.global_rank)
+        return aggregate_flexlora(updates, self.global_rank)
+
+    def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
+        """Reward every client that was sent an arm this round; failures score 0."""
+        ok = [r for r in records if r["status"] == "ok"]
+        times = [r.get("sim_seconds", r.get("train_time_s", 0.0)) for r in ok]
+        fastest = min((t for t in times if t and t > 0), default=1.0)
+        target = self.experiment.policy.target_sparsity
+        for rec in records:
+            key = (server_round, rec["client_id"])
+            if key not in self.arms:
+                continue
+            arm = self.arms.pop(key)
+            if rec["status"] != "ok":
+                reward = 0.0
+            else:
+                reward = fedspine_reward(
+                    loss_prev=rec.get("loss_start", rec.get("train_loss", 0.0)),
+                    loss_now=rec.get("loss_end", rec.get("train_loss", 0.0)),
+                    reached=rec.get("prune_ratio", 0.0), target=target,
+                    seconds=rec.get("sim_seconds", rec.get("train_time_s", 1.0)) or 1.0, fastest_seconds=fastest)
+            rec["reward"] = round(reward, 4)
+            rec["arm"] = {"ratio": arm.ratio, "rank": arm.rank}
+            self.policy.update(rec["client_id"], arm, reward)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])

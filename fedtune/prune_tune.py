@@ -36,6 +36,7 @@ class PruneSpec:
     interval: int = 20  # H: local steps between pruning events (FedSpine found 20 best)
     method: str = "lora"  # importance: lora | magnitude | random | taylor
     ema: float = 0.9
+    skip_layers: tuple[int, ...] = ()  # layers never pruned
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -123,7 +124,7 @@ class PruneAndTune:
         k = self.events.get(step)
         if k is not None and self.scores is not None:
             ratio = cubic_ratio(self.spec.target, self.start, k, self.num_events)
-            self.masks = prune_step(self.masks, self.scores, ratio)
+            self.masks = prune_step(self.masks, self.scores, ratio, frozenset(self.spec.skip_layers))
             self._refresh()
         self.enforce()
 

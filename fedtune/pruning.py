@@ -223,14 +223,18 @@ def unit_scores(structure: list[LayerStructure], weights: dict[str, torch.Tensor
     return out
 
 
-def prune_step(masks: Masks, scores: dict[int, dict[str, torch.Tensor]], ratio: float) -> Masks:
+def prune_step(masks: Masks, scores: dict[int, dict[str, torch.Tensor]], ratio: float,
+               skip_layers: frozenset[int] | set[int] = frozenset()) -> Masks:
     """Prune each layer's lowest-scoring kept units until ``ratio`` of them are pruned.
 
     Per layer and per kind, ``floor(ratio * n)`` units end up pruned (at least one kept);
-    already pruned units stay pruned (masks only grow).
+    already pruned units stay pruned (masks only grow); ``skip_layers`` are left whole.
     """
     new: Masks = {}
     for layer, m in masks.items():
+        if layer in skip_layers:
+            new[layer] = {k: t.clone() for k, t in m.items()}
+            continue
         new[layer] = {}
         for kind, keep in m.items():
             n = keep.numel()

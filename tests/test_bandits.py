@@ -118,3 +118,30 @@ def test_fedspine_reward_hand_computed():
                            failed=True) == 0.0
     assert fedspine_reward(loss_prev=1.0, loss_now=1.2, reached=0.0, target=0.0, seconds=5.0,
                            fastest_seconds=5.0) == pytest.approx(0.6)
+
+
+def test_user_policy_plugs_in_from_a_file(tmp_path):
+    from fedtune.config import ConfigError, config_from_dict
+    from strategies.fedspine import FedSpine, build_policy
+
+    f = tmp_path / "my_policy.py"
+    f.write_text(
+        "from fedtune.bandits import Arm\n"
+        "class Fixed:\n"
+        "    def __init__(self, ratios, ranks, seed=0):\n"
+        "        self.arm = Arm(max(ratios), min(ranks))\n"
+        "    def assign(self, client_id, server_round):\n        return self.arm\n"
+        "    def update(self, client_id, arm, reward):\n        pass\n"
+        "    def state_dict(self):\n        return {}\n"
+        "    def load_state_dict(self, state):\n        pass\n"
+        "class Broken:\n"
+        "    def __init__(self, ratios, ranks, seed=0):\n        pass\n"
+    )
+    cfg = config_from_dict({"federation": {"strategy": "fedspine"},
+                            "policy": {"name": f"{f}:Fixed", "ratios": [0.0, 0.4], "ranks": [4, 8]}})
+    strat = FedSpine(cfg)
+    assert strat.rank_for(3, 1) == 4 and strat.prune_ratio_for(3, 1) == 0.4
+    with pytest.raises(ConfigError, match="lacks assign/update"):
+        build_policy(config_from_dict({"policy": {"name": f"{f}:Broken"}}))
+    with pytest.raises(ConfigError, match="policy.name: unknown policy 'ucb9'"):
+        build_policy(config_from_dict({"policy": {"name": "ucb9"}}))

@@ -184,3 +184,12 @@ def test_exported_client_model_equals_the_masked_model(name, tmp_path):
     assert (got - expected).abs().max().item() < 1e-4
     assert info["params_after"] < info["params_before"]
     assert sum(p.numel() for p in model.parameters()) == info["params_after"]
+
+
+def test_skipped_layers_are_never_pruned():
+    bert, _ = tiny("tiny-bert")
+    s = model_structure(bert.model)
+    scores = {ls.layer: {"attn": torch.arange(4.0), "ffn": torch.arange(64.0)} for ls in s}
+    m = prune_step(full_masks(s), scores, 0.5, skip_layers={0})
+    assert m[0]["attn"].all() and m[0]["ffn"].all()
+    assert int((~m[1]["attn"]).sum()) == 2

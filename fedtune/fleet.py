@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError
+from fedtune.config import ConfigError, read_toml
 
 __all__ = ["DeviceProfile", "BUILTIN_PROFILES_FILE", "load_profiles", "build_fleet", "FEDSPINE_FLEET"]
 
@@ -81,14 +81,7 @@ def load_profiles(path: str | Path | None = None) -> dict[str, DeviceProfile]:
     """Built-in profiles, updated by the devices of ``path`` (if given)."""
     profiles = _parse(tomllib.loads(BUILTIN_PROFILES_FILE.read_text()), str(BUILTIN_PROFILES_FILE))
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"fleet.profiles: file not found: {p}")
-        try:
-            table = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"fleet.profiles: {p}: invalid TOML: {exc}") from exc
-        profiles.update(_parse(table, str(p)))
+        profiles.update(_parse(read_toml(path, "fleet.profiles: file"), str(path)))
     return profiles
 
 

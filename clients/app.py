@@ -54,6 +54,20 @@ def _client_data(experiment_toml: str, client_id: int) -> Tokenized:
     return tokenize(fed.partition(client_id), base.tokenizer, cfg.model.task, cfg.model.max_length)
 
 
+def _worker_name() -> str:
+    """The Ray node this client ran on (simulation), else the host name (deployment)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"ray:{ray.get_runtime_context().get_node_id()[:12]}"
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    import socket
+
+    return f"host:{socket.gethostname()}"
+
+
 PRUNE_STATE = "fedtune.prune"
 
 
@@ -126,7 +140,8 @@ def train(msg: Message, context: Context) -> Message:
             "rank": rank,
             "client-id": client_id,
         })
-        content = RecordDict({"arrays": factors_to_record(result.factors, result.head), "metrics": metrics})
+        content = RecordDict({"arrays": factors_to_record(result.factors, result.head), "metrics": metrics,
+                              "info": ConfigRecord({"worker": _worker_name()})})
         if result.masks is not None:
             save_prune_state(context, result.masks, result.scores)
             content["masks"] = ArrayRecord(masks_to_tensors(result.masks))

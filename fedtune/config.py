@@ -236,6 +236,7 @@ class SimulationConfig:
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     ray_tmpdir: str = "/tmp/fedtune-ray"  # keep short: Ray's socket path must stay < 107 bytes
+    ray_address: str = ""  # attach to a running Ray cluster ("host:port" of `ray start --head`); "" = local
 
     def __post_init__(self) -> None:
         if self.num_cpus_per_client <= 0:

@@ -75,11 +75,12 @@ def simulate(cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False, verb
     resources: dict[str, Any] = {"num_cpus": cfg.simulation.num_cpus_per_client}
     if cfg.simulation.num_gpus_per_client:
         resources["num_gpus"] = cfg.simulation.num_gpus_per_client
-    backend_config = {
-        "client_resources": resources,
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose},
-    }
+    init_args: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
+    if cfg.simulation.ray_address:  # a multi-node cluster: its nodes bring their own CPUs and GPUs
+        init_args["address"] = cfg.simulation.ray_address
+    else:
+        init_args.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    backend_config = {"client_resources": resources, "init_args": init_args}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                    backend_name=cfg.simulation.backend, backend_config=backend_config, verbose_logging=verbose)
     if "error" in outcome:

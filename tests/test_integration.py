@@ -213,3 +213,28 @@ def test_fedspine_on_a_fleet_smoke(tmp_path):
     assert min(tx2) > max(agx)  # the slow class is slower for the same work
     meta = json.loads((out / "checkpoint" / "meta.json").read_text())
     assert meta["strategy"]["policy"]["learners"] and meta["strategy"]["sim_time_s"] == times[-1]
+
+
+def test_simulation_attaches_to_a_two_node_ray_cluster(tmp_path):
+    """`ray start --head` + `ray start --address` (two nodes of 1 CPU on 127.0.0.1): clients run on both."""
+    port = _free_port()
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "RAY_TMPDIR": "/tmp/fedtune-ray-cl", "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    try:
+        head = subprocess.run([f"{bindir}/ray", "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               "--temp-dir=/tmp/fedtune-ray-cl", *common], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run([f"{bindir}/ray", "start", f"--address=127.0.0.1:{port}", *common], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        out = tmp_path / "run"
+        proc = run_cli("simulate", "--config", str(SMOKE), "--out", str(out),
+                       "--set", f'simulation.ray_address="127.0.0.1:{port}"', "--set", "federation.num_rounds=1")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        assert all(c["status"] == "ok" for c in last["clients"])
+        assert len({c["worker"] for c in last["clients"]}) == 2  # both nodes ran clients
+    finally:
+        subprocess.run([f"{bindir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

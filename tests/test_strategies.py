@@ -181,3 +181,21 @@ def test_column_pruning_and_coordinates_nobody_holds(gen):
     (s1,) = scale_for_holders([u1])
     torch.testing.assert_close(s1.factors["m"][0][:, 3], torch.zeros(2))
     torch.testing.assert_close(s1.factors["m"][0][:, :3], a1[:, :3])
+
+
+def test_the_readme_plugin_example_works(tmp_path, gen):
+    """The complete strategy example in the README loads by file path and aggregates."""
+    import re
+
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "class PaddedMedian" in b)
+    path = tmp_path / "my_strategy.py"
+    path.write_text(block)
+    cls = strategy_class(f"{path}:PaddedMedian")
+    strat = cls(exp(ranks=(2, 4)))
+    ups = [update(i, {"m": tuple(t.float() for t in rand_factors(gen, r))}, 10) for i, r in enumerate((2, 4, 4))]
+    out = strat.aggregate(ups, strat.initial_state({"m": (12, 10)}, {}))
+    padded = [pad_factors(*u.factors["m"], 4) for u in ups]
+    torch.testing.assert_close(out.adapter["m"][1], torch.stack([b for _, b in padded]).median(dim=0).values)

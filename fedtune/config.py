@@ -219,6 +219,9 @@ class PolicyConfig:
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # arm grid / range
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
     target_sparsity: float = 0.3  # the reward's pruning-progress target
+    # "target": an arm's ratio is the sparsity the client prunes toward this round; "step": it is
+    # how much further to prune this round, capped at target_sparsity (every client ends there)
+    ratio_mode: str = "target"
     args: dict[str, Any] = field(default_factory=dict)  # policy constructor options
 
     def __post_init__(self) -> None:
@@ -228,6 +231,7 @@ class PolicyConfig:
             raise ConfigError(f"policy.ranks: need positive ranks, got {self.ranks}")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ConfigError(f"policy.target_sparsity: must be in [0, 1), got {self.target_sparsity}")
+        _one_of("policy.ratio_mode", self.ratio_mode, ("target", "step"))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter
-from fedtune.bandits import POLICIES, Arm, Policy, make_policy
+from fedtune.bandits import POLICIES, Arm, Policy, StaticPolicy, make_policy
 from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.plugins import load_plugin
 from fedtune.rewards import fedspine_reward
@@ -36,9 +36,18 @@ def build_policy(experiment: ExperimentConfig) -> Any:
         if not isinstance(policy, Policy):
             raise ConfigError(f"policy.name: {spec!r} lacks assign/update/state_dict/load_state_dict")
         return policy
-    if spec == "static":
-        raise ConfigError("policy.name: 'static' needs per-class arms; use lora.ranks and prune.ratio_overrides"
-                          " with another strategy for a static baseline")
+    if spec == "static":  # the static baseline: one arm per device class, given in policy.args.arms
+        arms = kwargs.pop("arms", None)
+        if not isinstance(arms, dict) or not arms:
+            raise ConfigError("policy.args.arms: the static policy needs {device class = [ratio, rank], ...}")
+        classes = [name for name, count in experiment.fleet.devices.items() for _ in range(count)]
+        if not classes:
+            raise ConfigError("policy.name: 'static' assigns arms by device class and needs fleet.devices")
+        missing = sorted(set(classes) - set(arms))
+        if missing:
+            raise ConfigError(f"policy.args.arms: no arm for device class {missing[0]!r}")
+        return StaticPolicy({k: Arm(float(v[0]), int(v[1])) for k, v in arms.items()},
+                            dict(enumerate(classes)), seed=experiment.seed)
     try:
         return make_policy(spec, ratios=list(pc.ratios), ranks=list(pc.ranks), seed=experiment.seed, **kwargs)
     except KeyError:
@@ -59,7 +68,7 @@ class FedSpine(LoraStrategy):
         self.aggregation = aggregation
         self.policy = build_policy(experiment)
         self.arms: dict[tuple[int, int], Arm] = {}
-        self.prev_loss: dict[int, float] = {}
+        self.sparsity: dict[int, float] = {}  # latest sparsity each client reached
 
     def arm(self, client_id: int, server_round: int) -> Arm:
         key = (server_round, client_id)
@@ -71,7 +80,11 @@ class FedSpine(LoraStrategy):
         return int(self.arm(client_id, server_round).rank)
 
     def prune_ratio_for(self, client_id: int, server_round: int) -> float:
-        return float(self.arm(client_id, server_round).ratio)
+        ratio = float(self.arm(client_id, server_round).ratio)
+        pc = self.experiment.policy
+        if pc.ratio_mode == "step":  # prune `ratio` further than the client's current sparsity, up to the target
+            return min(pc.target_sparsity, self.sparsity.get(client_id, 0.0) + ratio)
+        return ratio
 
     def aggregate_adapters(self, updates: list[ClientUpdate], current: GlobalAdapter) -> Factors:
         if self.aggregation == "hetlora":
@@ -89,6 +102,8 @@ class FedSpine(LoraStrategy):
             if key not in self.arms:
                 continue
             arm = self.arms.pop(key)
+            if rec["status"] == "ok":
+                self.sparsity[rec["client_id"]] = float(rec.get("prune_ratio", 0.0))
             if rec["status"] != "ok":
                 reward = 0.0
             else:
@@ -102,9 +117,11 @@ class FedSpine(LoraStrategy):
             self.policy.update(rec["client_id"], arm, reward)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "policy": self.policy.state_dict()}
+        return {**super().state_dict(), "policy": self.policy.state_dict(),
+                "sparsity": {str(k): v for k, v in self.sparsity.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "policy" in state:
             self.policy.load_state_dict(state["policy"])
+        self.sparsity = {int(k): float(v) for k, v in state.get("sparsity", {}).items()}

@@ -145,3 +145,21 @@ def test_user_policy_plugs_in_from_a_file(tmp_path):
         build_policy(config_from_dict({"policy": {"name": f"{f}:Broken"}}))
     with pytest.raises(ConfigError, match="policy.name: unknown policy 'ucb9'"):
         build_policy(config_from_dict({"policy": {"name": "ucb9"}}))
+
+
+def test_fedspine_static_arms_by_device_class_and_step_mode():
+    from fedtune.config import ConfigError, config_from_dict
+    from strategies.fedspine import FedSpine
+
+    base = {"federation": {"strategy": "fedspine", "num_clients": 3},
+            "fleet": {"devices": {"jetson-tx2": 2, "jetson-agx-xavier": 1}},
+            "policy": {"name": "static", "ratio_mode": "step", "target_sparsity": 0.3,
+                       "args": {"arms": {"jetson-tx2": [0.2, 4], "jetson-agx-xavier": [0.1, 16]}}}}
+    strat = FedSpine(config_from_dict(base))
+    assert (strat.rank_for(0, 1), strat.prune_ratio_for(0, 1)) == (4, 0.2)
+    assert (strat.rank_for(2, 1), strat.prune_ratio_for(2, 1)) == (16, 0.1)
+    strat.sparsity[0] = 0.2  # step mode: 0.2 reached + 0.2 step, capped at the 0.3 target
+    assert strat.prune_ratio_for(0, 2) == pytest.approx(0.3)
+    base["policy"]["args"] = {"arms": {"jetson-tx2": [0.2, 4]}}
+    with pytest.raises(ConfigError, match="no arm for device class 'jetson-agx-xavier'"):
+        FedSpine(config_from_dict(base))

@@ -1,0 +1,122 @@
+"""FedSpine's comparison on a simulated fleet: simulated time to a target accuracy for the
+S-UCB bandit against static-by-device-class, random and UCB1 assignments.
+
+MiniLM on Rotten Tomatoes (Dirichlet label skew), the FedSpine testbed mix (30 Jetson TX2,
+40 Xavier NX, 10 AGX Xavier; ``--scale`` shrinks it), a fraction of the fleet sampled per
+round, clients really pruning. Every method uses ``policy.ratio_mode = "step"``: an arm's
+ratio is how much further a client prunes this round, capped at the common target
+sparsity, so all methods head for the same final sparsity (reported). Each method runs as
+its own ``fedtune simulate`` process with the same seed (same sampling and availability).
+
+    .venv/bin/python simulations/bench/fleet_bandit.py                    # the full 80-device fleet
+    .venv/bin/python simulations/bench/fleet_bandit.py --scale 0.25 --rounds 8 --out simulations/results/fleet_bandit_reduced.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+METHODS = {
+    "s-ucb": {"name": "s-ucb"},
+    "static-by-class": {"name": "static", "args": {"arms": {
+        "jetson-tx2": [0.1, 4], "jetson-xavier-nx": [0.2, 8], "jetson-agx-xavier": [0.3, 16]}}},
+    "random": {"name": "random"},
+    "ucb1": {"name": "ucb1"},
+}
+
+
+def experiment(args: argparse.Namespace, method: str) -> dict:
+    mix = {"jetson-tx2": 30, "jetson-xavier-nx": 40, "jetson-agx-xavier": 10}
+    devices = {k: max(1, round(v * args.scale)) for k, v in mix.items()}
+    n = sum(devices.values())
+    return {
+        "name": f"fleet-bandit-{method}", "seed": args.seed,
+        "model": {"name": "minilm"},
+        "data": {"partitioner_args": {"alpha": 1.0, "min_partition_size": 10}},
+        "train": {"local_steps": args.local_steps},
+        "prune": {"interval": max(1, args.local_steps // 2), "export_client_models": False},
+        "federation": {"num_clients": n, "num_rounds": args.rounds, "fraction_train": args.fraction,
+                       "strategy": "fedspine"},
+        "fleet": {"devices": devices},
+        "policy": {"ratios": [0.1, 0.2, 0.3], "ranks": [4, 8, 16], "target_sparsity": args.target_sparsity,
+                   "ratio_mode": "step", **METHODS[method]},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 80-device fleet")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--local-steps", type=int, default=20)
+    ap.add_argument("--target-accuracy", type=float, default=0.65)
+    ap.add_argument("--target-sparsity", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fleet_bandit.json")
+    args = ap.parse_args()
+
+    from fedtune.clock import time_to_target
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict = {}
+    for method in args.methods.split(","):
+        run_dir = ROOT / "runs" / f"bench-fleet-{method}-{stamp}"
+        run_dir.mkdir(parents=True)
+        cfg_path = run_dir.with_suffix(".toml")
+        cfg_path.write_text(tomli_w.dumps(experiment(args, method)))
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--config", str(cfg_path), "--out",
+                               str(run_dir)], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last_sparsity: dict[int, float] = {}
+        for rec in records:
+            for c in rec["clients"]:
+                if c["status"] == "ok":
+                    last_sparsity[c["client_id"]] = c.get("prune_ratio", 0.0)
+        ttt = time_to_target(records, args.target_accuracy)
+        results[method] = {
+            "time_to_target_s": ttt,
+            "final_accuracy": records[-1].get("eval_accuracy"),
+            "best_accuracy": max(r.get("eval_accuracy") or 0 for r in records),
+            "sim_time_s": records[-1].get("sim_time_s"),
+            "mean_final_sparsity": round(sum(last_sparsity.values()) / max(len(last_sparsity), 1), 4),
+            "clients_seen": len(last_sparsity),
+            "failed_client_rounds": sum(c["status"] != "ok" for r in records for c in r["clients"]),
+            "wall_s": round(time.time() - t0, 1),
+        }
+        print(method, json.dumps(results[method]), flush=True)
+    statics = [results[m]["time_to_target_s"] for m in results if m.startswith("static")]
+    statics = [t for t in statics if t is not None]
+    sucb = results.get("s-ucb", {}).get("time_to_target_s")
+    out = {
+        "speedup_vs_best_static": round(min(statics) / sucb, 3) if statics and sucb else None,
+        "target_accuracy": args.target_accuracy, "target_sparsity": args.target_sparsity,
+        "fleet_size": sum(experiment(args, "s-ucb")["fleet"]["devices"].values()),
+        "scale": args.scale, "rounds": args.rounds, "fraction": args.fraction, "local_steps": args.local_steps,
+        "methods": results,
+        "command": "python simulations/bench/fleet_bandit.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.config import ExperimentConfig
-from fedtune.cost import ClientCost, client_round_cost, model_shape, peak_memory_bytes, train_flops
+from fedtune.cost import ClientCost, ModelShape, client_round_cost, model_shape, peak_memory_bytes, train_flops
 from fedtune.fleet import DeviceProfile, build_fleet, load_profiles
 from fedtune.pruning import LayerStructure, Masks
 
@@ -52,19 +52,20 @@ class FleetSimulator:
         jitter = self.device(client_id).jitter
         return math.exp(_rng(self.cfg.seed, server_round, client_id, 2).gauss(0.0, jitter)) if jitter else 1.0
 
-    def _lora_modules(self) -> set[str] | None:
-        return None  # LoRA on every prunable module is the conservative (largest) estimate
+    # Costs assume LoRA on every prunable module (lora_modules=None): the conservative, largest estimate.
 
-    def peak_gb(self, rank: int, masks: Masks | None, batch: int, seq: int) -> float:
-        shape = model_shape(self.model_config, self.structure, masks, self.embedding_params)
+    def shape(self, masks: Masks | None) -> ModelShape:
+        return model_shape(self.model_config, self.structure, masks, self.embedding_params)
+
+    def peak_gb(self, shape: ModelShape, rank: int, batch: int, seq: int) -> float:
         head = 0 if self.cfg.model.task != "classification" else shape.hidden * (self.cfg.model.num_labels + 1)
-        return peak_memory_bytes(shape, batch, seq, rank, self.cfg.model.quantization, self._lora_modules(),
+        return peak_memory_bytes(shape, batch, seq, rank, self.cfg.model.quantization, None,
                                  trainable_extra=head) / 1e9
 
     def precheck(self, client_id: int, rank: int, masks: Masks | None) -> str | None:
         """The OOM reason for this configuration at the worst-case sequence length, else None."""
         dev = self.device(client_id)
-        gb = self.peak_gb(rank, masks, self.cfg.train.batch_size, self.cfg.model.max_length)
+        gb = self.peak_gb(self.shape(masks), rank, self.cfg.train.batch_size, self.cfg.model.max_length)
         if gb > dev.memory_gb:
             return f"out of memory on {dev.name}: needs {gb:.2f} GB, has {dev.memory_gb:.2f} GB"
         return None
@@ -73,10 +74,10 @@ class FleetSimulator:
              tokens: int, bytes_down: int, bytes_up: int) -> ClientCost:
         batch = self.cfg.train.batch_size
         seq = max(1, round(tokens / max(steps * batch, 1)))
-        shape = model_shape(self.model_config, self.structure, masks, self.embedding_params)
-        flops = train_flops(shape, batch, seq, rank, self._lora_modules(), causal_lm=self.cfg.model.task != "classification")
+        shape = self.shape(masks)
+        flops = train_flops(shape, batch, seq, rank, None, causal_lm=self.cfg.model.task != "classification")
         return client_round_cost(self.device(client_id), flops_per_step=flops, steps=steps, bytes_down=bytes_down,
-                                 bytes_up=bytes_up, peak_bytes=self.peak_gb(rank, masks, batch, seq) * 1e9,
+                                 bytes_up=bytes_up, peak_bytes=self.peak_gb(shape, rank, batch, seq) * 1e9,
                                  dtype=self.cfg.fleet.dtype, speed_factor=self.speed_factor(client_id, server_round))
 
 

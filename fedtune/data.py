@@ -28,7 +28,7 @@ from typing import Any
 
 from fedtune.config import ConfigError, DataConfig
 
-__all__ = ["CORPORA", "PARTITIONERS", "load_corpus", "split_corpus", "make_partitioner", "FederatedData",
+__all__ = ["CORPORA", "load_corpus", "split_corpus", "make_partitioner", "FederatedData",
            "cached_federated_data"]
 
 CORPORA = ("rotten-tomatoes", "shakespeare", "chatterbot")
@@ -224,13 +224,8 @@ def _partitioners() -> dict[str, type]:
         "id-to-size": P.IdToSizeFncPartitioner,
         "continuous": getattr(P, "ContinuousPartitioner", None),
         "semantic": getattr(P, "SemanticPartitioner", None),
-        "vertical-even": getattr(P, "VerticalEvenPartitioner", None),
     }
     return {k: v for k, v in table.items() if v is not None}
-
-
-PARTITIONERS = ("iid", "dirichlet", "natural-id", "shard", "pathological", "linear", "square", "exponential",
-                "inner-dirichlet", "size")
 
 
 def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:

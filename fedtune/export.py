@@ -10,6 +10,8 @@ the task head is saved as ``modules_to_save``. Load it with::
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,21 @@ from safetensors.torch import load_file, save_file
 
 from fedtune.adapters import Factors, GlobalAdapter
 from fedtune.config import ExperimentConfig
-from fedtune.models import default_target_modules, load_base_model, load_factors
+from fedtune.models import BaseModel, cached_base_model, default_target_modules, load_base_model, load_factors
 from fedtune.pruning import Masks, model_structure, slice_model, sparsity
 from fedtune.records import record_to_state, state_to_record
 
 __all__ = ["combined_factors", "save_peft_adapter", "save_checkpoint", "load_checkpoint", "export_pruned_model",
            "load_pruned_model"]
+
+
+def _fresh_base(cfg: ExperimentConfig) -> BaseModel:
+    """A private copy of the base model: a deep copy of the process's cached one (no disk
+    reload per exported client); quantized bases are reloaded, since they do not deep-copy."""
+    if cfg.model.quantization != "none":
+        return load_base_model(cfg.model, cfg.seed)
+    base = cached_base_model(cfg.model, cfg.seed)
+    return dataclasses.replace(base, model=copy.deepcopy(base.model))
 
 
 def combined_factors(state: GlobalAdapter) -> Factors:
@@ -41,7 +52,7 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
     """Write ``path`` as a PEFT LoRA adapter directory (adapter_config.json + safetensors)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    base = load_base_model(cfg.model, cfg.seed)  # a fresh copy: export wraps the head
+    base = _fresh_base(cfg)  # export wraps the head and merges: never touch the cached base
     factors = combined_factors(state)
     rank = next(iter(factors.values()))[0].shape[0]
     head_modules = sorted({n.rsplit(".", 1)[0] for n in base.head_names})
@@ -91,7 +102,7 @@ def export_pruned_model(state: GlobalAdapter, masks: Masks, cfg: ExperimentConfi
     """
     from peft import LoraConfig, get_peft_model
 
-    base = load_base_model(cfg.model, cfg.seed)
+    base = _fresh_base(cfg)
     params = dict(base.model.named_parameters())
     with torch.no_grad():
         for name, t in state.head.items():

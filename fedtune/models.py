@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,10 @@ def smollm2_dir() -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     rebuilt.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else None
+    if out.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)
     return out
 
 

@@ -10,7 +10,6 @@ At the end the global adapter is exported in PEFT format to ``adapter/``.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,11 @@ from fedtune.data import cached_federated_data
 from fedtune.export import export_pruned_model, load_checkpoint, save_checkpoint, save_peft_adapter
 from fedtune.models import cached_base_model
 from fedtune.pruning import model_structure
-from fedtune.records import state_to_record, record_to_state
+from fedtune.records import state_to_record
 from fedtune.report import MetricsWriter, format_progress, plot_metrics, read_metrics, summarize
 from fedtune.training import evaluate_global, head_state, lora_shapes, tokenize
 
 __all__ = ["run_server"]
-
-LOG = logging.getLogger("fedtune.server")
 
 
 def _say(line: str) -> None:
@@ -55,11 +52,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
 
     ckpt_dir = out_dir / "checkpoint"
     start_round, elapsed_before = 0, 0.0
+    if cfg.prunes or cfg.fleet.devices:
+        strategy.structure = model_structure(base.model)
     if cfg.fleet.devices:
         from fedtune.clock import FleetSimulator
 
-        strategy.fleet = FleetSimulator.from_config(cfg, base.model, model_structure(base.model))
-        strategy.structure = strategy.structure or model_structure(base.model)
+        strategy.fleet = FleetSimulator.from_config(cfg, base.model, strategy.structure)
     if resume and (ckpt_dir / "meta.json").is_file():
         state, meta = load_checkpoint(ckpt_dir)
         start_round, elapsed_before = int(meta["round"]), float(meta.get("wall_time_s", 0.0))
@@ -68,8 +66,6 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
     else:
         state = strategy.initial_state(lora_shapes(base, cfg), head_state(base))
     strategy.set_state(state)
-    if cfg.prunes:
-        strategy.structure = model_structure(base.model)
     writer = MetricsWriter(out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
     experiment_toml = config_to_toml(cfg)
     num_rounds = cfg.federation.num_rounds
@@ -98,7 +94,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         new_arrays, agg = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        state = record_to_state(arrays)
+        state = strategy.current  # the decoded global state (unchanged when no update was valid)
         rec = {"round": rnd, "wall_time_s": 0.0}
         if rnd % cfg.federation.evaluate_every == 0 or rnd == num_rounds:
             rec.update(evaluate(state))

@@ -18,7 +18,7 @@ __all__ = ["prepare_environment", "preflight", "simulate"]
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Fail fast, before Ray starts, on a bad strategy, data set or model (ConfigError)."""
+    """Fail fast, before Ray starts, on a bad strategy, data set, model or fleet (ConfigError)."""
     from fedtune.data import cached_federated_data
     from fedtune.models import cached_base_model
     from fedtune.training import lora_shapes
@@ -29,7 +29,13 @@ def preflight(cfg: ExperimentConfig) -> None:
     for cid in range(cfg.federation.num_clients):
         if len(fed.partition(cid)) == 0:
             raise ConfigError(f"data.partitioner: client {cid} gets an empty partition; change partitioner_args")
-    lora_shapes(cached_base_model(cfg.model, cfg.seed), cfg)
+    base = cached_base_model(cfg.model, cfg.seed)
+    lora_shapes(base, cfg)
+    if cfg.fleet.devices:  # unknown devices, bad profile files: errors before Ray starts
+        from fedtune.clock import FleetSimulator
+        from fedtune.pruning import model_structure
+
+        FleetSimulator.from_config(cfg, base.model, model_structure(base.model))
 
 
 def prepare_environment(cfg: ExperimentConfig, verbose: bool = False) -> None:

@@ -87,6 +87,7 @@ class LoraStrategy(Strategy):
         self.module_shapes: dict[str, tuple[int, int]] = {}  # module -> (out, in)
         self.head_shapes: dict[str, tuple[int, ...]] = {}
         self.round_clients: dict[int, list[dict[str, Any]]] = {}  # per-round client records
+        self.server_round = 0  # the round being configured / aggregated
         self.round_bytes: dict[int, dict[str, int]] = {}
         self._sent: dict[int, tuple[int, int, float]] = {}  # node -> (client id, rank, send time)
         self.structure: list[LayerStructure] | None = None  # prunable structure groups of the model
@@ -191,6 +192,7 @@ class LoraStrategy(Strategy):
     ) -> Iterable[Message]:
         state = record_to_state(arrays)
         self.set_state(state)
+        self.server_round = server_round
         messages = []
         self._sent = {}
         self._bytes_down = {}
@@ -223,10 +225,14 @@ class LoraStrategy(Strategy):
             sorted({r for _, r, _ in self._sent.values()}))
         return messages
 
+    def _sent_info(self, node: int) -> tuple[int, int, float]:
+        """(client id, rank, send time) of the message sent to ``node`` this round (rank -1: none sent)."""
+        return self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
+
     def decode_reply(self, reply: Message) -> ClientUpdate:
         """Decode and validate one reply; raises ValueError with the reason to reject it."""
         node = reply.metadata.src_node_id
-        client_id, rank, _ = self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
+        client_id, rank, _ = self._sent_info(node)
         if "arrays" not in reply.content.array_records or "metrics" not in reply.content.metric_records:
             raise ValueError("reply lacks the 'arrays' or 'metrics' record")
         factors, head = record_to_factors(reply.content["arrays"])
@@ -288,7 +294,7 @@ class LoraStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             seen.add(node)
-            client_id, rank, sent_at = self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
+            client_id, rank, sent_at = self._sent_info(node)
             rec: dict[str, Any] = {"client_id": client_id, "node_id": node, "rank": rank}
             if self.fleet is not None:
                 rec["device"] = self.fleet.device(client_id).name

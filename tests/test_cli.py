@@ -15,6 +15,10 @@ SMOKE = str(ROOT / "simulations" / "smoke.toml")
     (["--strategy", "fedmagic"], "federation.strategy: unknown name 'fedmagic'"),
     (["--strategy", "/nonexistent/my_strategy.py:Mine"], "plug-in file not found: /nonexistent/my_strategy.py"),
     (["--strategy", "strategies.hetlora:NoSuchClass"], "'strategies.hetlora' has no attribute 'NoSuchClass'"),
+    (["--set", "fleet.devices={jetson-tx3 = 4}"], "fleet.devices: unknown device 'jetson-tx3'"),
+    (["--set", "fleet.devices={jetson-tx2 = 4}", "--set", "fleet.profiles=/nonexistent/devices.toml"],
+     "fleet.profiles: file not found: /nonexistent/devices.toml"),
+    (["--strategy", "fedspine", "--policy", "ucb9"], "policy.name: unknown policy 'ucb9'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, capsys, tmp_path):
     code = main(["simulate", "--config", SMOKE, "--out", str(tmp_path / "run"), *args])

@@ -153,16 +153,12 @@ def main() -> None:
         "unpruned": {metric: unpruned["after"][metric]},
     }
     with tempfile.TemporaryDirectory() as tmp:
+        from fedtune.models import cached_base_model
         from fedtune.pruning import full_masks, model_structure
 
-        ref_dir = Path(tmp) / "unpruned"
-        base_struct = None
-        for run in runs:
-            if run["masks"] is None:
-                from fedtune.models import cached_base_model
-
-                base_struct = model_structure(cached_base_model(cfg.model, cfg.seed).model)
-                info = export_pruned_model(run["state"], full_masks(base_struct), cfg, ref_dir)
+        ref_dir = Path(tmp) / "unpruned"  # runs[0] is the unpruned baseline: export it with all-kept masks
+        structure = model_structure(cached_base_model(cfg.model, cfg.seed).model)
+        export_pruned_model(unpruned["state"], full_masks(structure), cfg, ref_dir)
         reference = load_pruned_model(ref_dir)
         vocab = reference.config.vocab_size
         for run in runs[1:]:

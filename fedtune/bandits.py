@@ -8,10 +8,19 @@ pruning ratio and LoRA rank to assign; its S-UCB formula is not public, so
   as ``initial_cells`` equal cells per rank and is partitioned adaptively: a cell pulled ``split_after`` times is split in two
   (as FedMP's E-UCB does, Jiang et al. 2022), so the search refines where it is pulled;
 - statistics are discounted by ``gamma`` each round (rewards drift as training converges):
-  ``N_c <- gamma N_c + [c pulled]``, ``S_c <- gamma S_c + [c pulled] r``;
+  ``N_c <- gamma^k N_c + [c pulled]``, ``S_c <- gamma^k S_c + [c pulled] r``, with ``k`` the
+  rounds since the learner's last update (at least 1);
 - a client picks the cell maximising ``S_c / N_c + c_explore * sqrt(log(sum N) / N_c)``
   (unpulled cells first, in a seeded order) and plays the cell's midpoint ratio.
   A split cell's children inherit half of its statistics each.
+- ``pool = "speed"`` (S-UCB's default here): FedSpine runs a learner per device, which needs
+  many pulls per device; with 80 devices and a tenth sampled per round a device is seen a few
+  times in a whole run. So clients share one learner per *speed tier*, learned from outcomes
+  only: after every round the strategy reports each client's completion time and the round's
+  median (:meth:`AdaptiveUCB.observe`); the first median seen is kept as the reference, and a
+  client's tier is the octave of the EMA of ``log2(seconds / reference)`` (clients within 2x
+  of each other share statistics); a client never observed yet uses the ``new`` learner.
+  ``pool = "none"`` is one learner per client.
 
 Every policy implements the :class:`Policy` protocol and keeps one independent learner
 per client, seeded from ``(seed, client_id)``, so a run is reproducible. Rewards are in
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,8 +61,10 @@ def arm_grid(ratios: list[float], ranks: list[int]) -> list[Arm]:
     return [Arm(float(p), int(r)) for p in ratios for r in ranks]
 
 
-def _rng(seed: int, client_id: int) -> random.Random:
-    return random.Random(seed * 1_000_003 + client_id * 7_919 + 17)
+def _rng(seed: int, key: Any) -> random.Random:
+    """A learner's generator from (seed, client id or pooled learner name), stable across processes."""
+    k = key if isinstance(key, int) else zlib.crc32(str(key).encode())
+    return random.Random(seed * 1_000_003 + k * 7_919 + 17)
 
 
 class _PerClient:
@@ -81,12 +93,17 @@ class _PerClient:
                 "rngs": {str(k): r.getstate() for k, r in self._rngs.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.learners = {int(k): v for k, v in state["learners"].items()}
+        self.learners = {_key(k): v for k, v in state["learners"].items()}
         self._rngs = {}
         for k, s in state.get("rngs", {}).items():
             r = random.Random()
             r.setstate(_as_rng_state(s))
-            self._rngs[int(k)] = r
+            self._rngs[_key(k)] = r
+
+
+def _key(k: str) -> Any:
+    """A learner key back from JSON: client ids are ints, pooled learners are named."""
+    return int(k) if k.lstrip("-").isdigit() else k
 
 
 def _as_rng_state(s: Any) -> tuple[Any, ...]:
@@ -276,12 +293,21 @@ class AdaptiveUCB(_PerClient):
     """UCB over adaptively split ratio cells x ranks; ``gamma < 1`` discounts statistics.
 
     ``gamma = 1`` is FedMP's E-UCB; ``gamma < 1`` is the S-UCB reconstruction (module doc).
+    ``pool``: ``"none"`` (a learner per client) or ``"speed"`` (a learner per observed speed tier).
     """
+
+    POOLS = ("none", "speed")
 
     def __init__(self, ranks: list[int], ratio_range: tuple[float, float] = (0.0, 0.6), *, gamma: float = 0.98,
                  c: float = 0.1, split_after: int = 4, min_width: float = 0.1, initial_cells: int = 2,
-                 seed: int = 0) -> None:
+                 pool: str = "none", speed_ema: float = 0.5, seed: int = 0) -> None:
         super().__init__(seed)
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}")
+        self.pool, self.speed_ema = pool, float(speed_ema)
+        self.speed: dict[int, float] = {}  # client -> EMA of log2(seconds / reference)
+        self.reference: float | None = None  # the first round median observed
+        self.round = 0  # the latest round assigned; statistics decay by gamma per round
         if not ranks:
             raise ValueError("a bandit needs at least one rank")
         lo, hi = ratio_range
@@ -297,9 +323,38 @@ class AdaptiveUCB(_PerClient):
         return {"cells": [[self.lo + i * width, self.lo + (i + 1) * width, r, 0.0, 0.0, 0]
                           for r in self.ranks for i in range(k)]}
 
+    def key(self, client_id: int) -> Any:
+        """The learner a client uses: itself, or its speed tier when pooling."""
+        if self.pool == "none":
+            return client_id
+        if client_id not in self.speed:
+            return "new"
+        return f"tier{round(self.speed[client_id]):+d}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "speed": {str(k): v for k, v in self.speed.items()},
+                "reference": self.reference, "round": self.round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.speed = {int(k): float(v) for k, v in state.get("speed", {}).items()}
+        self.reference = state.get("reference")
+        self.round = int(state.get("round", 0))
+
+    def observe(self, client_id: int, seconds: float, median_seconds: float) -> None:
+        """An outcome the strategy reports after each round: the client's completion time."""
+        if seconds <= 0 or median_seconds <= 0 or not math.isfinite(seconds / median_seconds):
+            return
+        if self.reference is None:
+            self.reference = float(median_seconds)
+        x = math.log2(seconds / self.reference)
+        prev = self.speed.get(client_id)
+        self.speed[client_id] = x if prev is None else self.speed_ema * prev + (1 - self.speed_ema) * x
+
     def _pick(self, client_id: int) -> list[Any]:
-        cells = self.learner(client_id)["cells"]
-        rng = self.rng(client_id)
+        key = self.key(client_id)
+        cells = self.learner(key)["cells"]
+        rng = self.rng(key)
         untried = [c for c in cells if c[3] < 1e-9]
         if untried:
             return rng.choice(untried)
@@ -307,18 +362,21 @@ class AdaptiveUCB(_PerClient):
         return max(cells, key=lambda c: c[4] / c[3] + self.c * math.sqrt(math.log(max(total, 1.0 + 1e-9)) / c[3]))
 
     def assign(self, client_id: int, server_round: int) -> Arm:
+        self.round = max(self.round, int(server_round))
         cell = self._pick(client_id)
         return Arm(round((cell[0] + cell[1]) / 2, 4), int(cell[2]))  # the cell's midpoint
 
     def update(self, client_id: int, arm: Arm, reward: float) -> None:
-        st = self.learner(client_id)
+        st = self.learner(self.key(client_id))
+        decay = self.gamma ** max(1, self.round - st.get("round", self.round - 1))  # once per round elapsed
+        st["round"] = self.round
         for c in st["cells"]:
-            c[3] *= self.gamma
-            c[4] *= self.gamma
+            c[3] *= decay
+            c[4] *= decay
         cell = next((c for c in st["cells"] if c[2] == arm.rank and c[0] <= arm.ratio < c[1]
                      or (c[2] == arm.rank and arm.ratio == c[1] == self.hi)), None)
         if cell is None:
-            raise ValueError(f"arm {arm} lies in no cell of client {client_id}")
+            raise ValueError(f"arm {arm} lies in no cell of client {client_id}'s learner")
         cell[3] += 1.0
         cell[4] += float(reward)
         cell[5] += 1
@@ -331,7 +389,13 @@ class AdaptiveUCB(_PerClient):
 
 
 class SUCB(AdaptiveUCB):
-    """FedSpine's S-UCB, reconstructed: discounted, adaptively partitioned UCB (module doc)."""
+    """FedSpine's S-UCB, reconstructed: discounted, adaptively partitioned UCB (module doc),
+    pooled over observed speed tiers unless ``pool="none"``."""
+
+    def __init__(self, ranks: list[int], ratio_range: tuple[float, float] = (0.0, 0.6), **kwargs: Any) -> None:
+        kwargs.setdefault("pool", "speed")
+        super().__init__(ranks, ratio_range, **kwargs)
+
 
 
 class EUCB(AdaptiveUCB):

@@ -6,8 +6,10 @@ time; no device profiles). This strategy asks the policy (``policy.name``, any
 :class:`fedtune.bandits.Policy`, by registry name, ``module:Class`` or ``file.py:Class``)
 for each sampled client's arm, sends each node its own rank-projected adapter and target
 ratio, aggregates the heterogeneous ranks with FlexLoRA (default) or HetLoRA, and feeds
-each client's reward (:func:`fedtune.rewards.fedspine_reward`) back. The policy's state is
-saved with every checkpoint.
+each client's reward (:func:`fedtune.rewards.fedspine_reward`) back, and, to policies that
+have ``observe(client_id, seconds, median_seconds)``, each client's completion time against
+the round's median (S-UCB pools its statistics by that observed speed). The policy's state
+is saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ class FedSpine(LoraStrategy):
             rec["reward"] = round(reward, 4)
             rec["arm"] = {"ratio": arm.ratio, "rank": arm.rank}
             self.policy.update(rec["client_id"], arm, reward)
+        observe = getattr(self.policy, "observe", None)  # optional: policies that pool by observed speed
+        if callable(observe) and times:
+            median = sorted(times)[len(times) // 2]
+            for rec, t in zip(ok, times):
+                observe(rec["client_id"], float(t or 0.0), float(median or 0.0))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "policy": self.policy.state_dict(),

@@ -70,7 +70,7 @@ def test_discounted_policies_recover_when_the_best_arm_changes(name):
 
 @pytest.mark.parametrize("cls", [SUCB, EUCB])
 def test_adaptive_partition_policies_find_the_best_region(cls):
-    policy = cls(RANKS, (0.0, 0.6), seed=3)
+    policy = cls(RANKS, (0.0, 0.6), pool="none", seed=3)
     chosen = play(policy, smooth_mean(0.45, 8), 500, random.Random(0))
     assert tail_share(chosen, lambda a: a.rank == 8 and 0.35 <= a.ratio <= 0.55) >= 0.8
     cells = policy.learners[0]["cells"]
@@ -78,11 +78,55 @@ def test_adaptive_partition_policies_find_the_best_region(cls):
 
 
 def test_sucb_recovers_when_the_optimum_moves():
-    policy = SUCB(RANKS, (0.0, 0.6), seed=4)
+    policy = SUCB(RANKS, (0.0, 0.6), pool="none", seed=4)
     rng = random.Random(1)
     play(policy, smooth_mean(0.45, 8), 400, rng)
     chosen = play(policy, smooth_mean(0.15, 4), 400, rng, start=400)
     assert tail_share(chosen, lambda a: a.rank == 4 and 0.05 <= a.ratio <= 0.25) >= 0.8
+
+
+def fleet_play(policy, rounds, rng):
+    """60 clients, 8 sampled a round: slow ones (4x slower) are best at (0.5, 4), fast ones at
+    (0.1, 16); each is seen ~5 times in 40 rounds. Returns the near-best share of the last fifth."""
+    best = {"slow": (0.5, 4), "fast": (0.1, 16)}
+    kind = {c: "slow" if c % 2 else "fast" for c in range(60)}
+    chosen = []
+    for t in range(rounds):
+        clients = rng.sample(range(60), 8)
+        times = {c: (4.0 if kind[c] == "slow" else 1.0) * rng.uniform(0.9, 1.1) for c in clients}
+        for c in clients:
+            arm = policy.assign(c, t)
+            ratio, rank = best[kind[c]]
+            mean = (0.9 if arm.rank == rank else 0.6) - 3.0 * (arm.ratio - ratio) ** 2
+            policy.update(c, arm, min(1.0, max(0.0, mean + rng.gauss(0, 0.1))))
+            if t >= rounds * 4 // 5:
+                chosen.append(mean >= 0.85)  # within 0.05 of the best arm's mean
+        median = sorted(times.values())[len(times) // 2]
+        for c in clients:
+            policy.observe(c, times[c], median)
+    return sum(chosen) / len(chosen)
+
+
+def test_sucb_pools_clients_by_observed_speed():
+    """With few pulls per client, speed-tier pooling learns each tier's arm; per-client learners cannot."""
+    pooled = fleet_play(SUCB([4, 8, 16], (0.0, 0.6), seed=5), 40, random.Random(2))
+    alone = fleet_play(SUCB([4, 8, 16], (0.0, 0.6), pool="none", seed=5), 40, random.Random(2))
+    assert pooled >= 0.8 and pooled > alone + 0.2, (pooled, alone)
+
+
+def test_sucb_speed_tiers_survive_a_restore():
+    policy = SUCB(RANKS, (0.0, 0.6), seed=6)
+    assert policy.key(3) == "new"
+    policy.observe(3, 8.0, 2.0)  # the first median is the reference: 4x slower is tier +2
+    policy.observe(4, 1.0, 4.0)
+    assert (policy.key(3), policy.key(4)) == ("tier+2", "tier-1")
+    policy.update(3, policy.assign(3, 0), 0.5)
+    clone = SUCB(RANKS, (0.0, 0.6), seed=0)
+    clone.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert clone.key(3) == "tier+2" and clone.learners.keys() == policy.learners.keys()
+    assert clone.assign(3, 1) == policy.assign(3, 1)
+    with pytest.raises(ValueError, match="pool"):
+        SUCB(RANKS, (0.0, 0.6), pool="class")
 
 
 @pytest.mark.parametrize("name", sorted(set(POLICIES) - {"static"}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 import traceback
 
@@ -19,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.adapters import Factors
 from fedtune.config import ExperimentConfig, config_from_dict
 from fedtune.data import cached_federated_data
 from fedtune.models import cached_base_model
@@ -93,6 +95,22 @@ def save_prune_state(context: Context, masks: Masks, scores: dict[int, dict[str,
     context.state[PRUNE_STATE] = ArrayRecord(tensors)
 
 
+def inject_fault(kind: str, factors: Factors) -> Factors:
+    """A corrupted copy of an update, for fault-injection tests (``[faults]`` in the config)."""
+    out = {m: (a.clone(), b.clone()) for m, (a, b) in factors.items()}
+    first = sorted(out)[0]
+    a, b = out[first]
+    if kind == "nan":
+        b[0, 0] = float("nan")
+    elif kind == "shape":
+        out[first] = (torch.cat([a, a[:, :1]], dim=1), b)
+    elif kind == "rank":
+        out = {m: (x[:-1].contiguous(), y[:, :-1].contiguous()) for m, (x, y) in out.items()}
+    elif kind == "missing":
+        del out[first]
+    return out
+
+
 def _error_reply(msg: Message, client_id: int, exc: BaseException) -> Message:
     LOG.error("client %d failed:\n%s", client_id, traceback.format_exc())
     reason = f"client {client_id}: {type(exc).__name__}: {exc}"
@@ -116,6 +134,12 @@ def train(msg: Message, context: Context) -> Message:
         if "client-id" in config and int(config["client-id"]) != client_id:
             raise ValueError(f"message addressed to client {config['client-id']}, this node is {client_id}")
         server_round, rank = int(config["server-round"]), int(config["rank"])
+        fault = cfg.faults.fault_for(client_id, server_round)
+        if fault == "raise":
+            raise RuntimeError(f"injected fault in round {server_round}")
+        if fault == "crash":
+            LOG.error("client %d: injected crash in round %d", client_id, server_round)
+            os._exit(3)
         base = cached_base_model(cfg.model, cfg.seed)
         data = _client_data(experiment_toml, client_id)
         state = record_to_state(msg.content["arrays"])
@@ -140,7 +164,10 @@ def train(msg: Message, context: Context) -> Message:
             "rank": rank,
             "client-id": client_id,
         })
-        content = RecordDict({"arrays": factors_to_record(result.factors, result.head), "metrics": metrics,
+        factors = inject_fault(fault, result.factors) if fault else result.factors
+        if fault == "hang":
+            time.sleep(cfg.faults.hang_s)
+        content = RecordDict({"arrays": factors_to_record(factors, result.head), "metrics": metrics,
                               "info": ConfigRecord({"worker": _worker_name()})})
         if result.masks is not None:
             save_prune_state(context, result.masks, result.scores)

@@ -141,7 +141,8 @@ class FederationConfig:
     min_clients: int = 2  # never sample fewer than this
     strategy: str = "hetlora"  # registry name, "module:Class" or "path/file.py:Class"
     strategy_args: dict[str, Any] = field(default_factory=dict)  # kwargs for the strategy
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = 3600.0  # per-round deadline: replies later than this are dropped
+    min_replies: int = 1  # fewer valid updates than this leave the global adapter unchanged
     evaluate_every: int = 1  # server-side evaluation period in rounds
 
     def __post_init__(self) -> None:
@@ -157,6 +158,8 @@ class FederationConfig:
             raise ConfigError(f"federation.fraction_train: must be in (0, 1], got {self.fraction_train}")
         _positive("federation.min_clients", self.min_clients)
         _positive("federation.evaluate_every", self.evaluate_every)
+        _positive("federation.round_timeout_s", self.round_timeout_s)
+        _positive("federation.min_replies", self.min_replies)
 
     def sample_size(self, available: int) -> int:
         n = self.clients_per_round or int(available * self.fraction_train)
@@ -249,6 +252,36 @@ class SimulationConfig:
             raise ConfigError(f"simulation.num_gpus_per_client: must be >= 0, got {self.num_gpus_per_client}")
 
 
+FAULT_KINDS = ("raise", "crash", "hang", "nan", "shape", "rank", "missing")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection for testing a deployment's resilience: client id -> fault kind.
+
+    ``raise``: the client raises; ``crash``: its process exits (use in deployment; in a Ray
+    simulation it takes the worker actor down); ``hang``: it sleeps ``hang_s`` before replying;
+    ``nan``: its update holds NaN; ``shape``: a wrong matrix shape; ``rank``: a wrong rank;
+    ``missing``: a module is left out. ``rounds``: the rounds it happens in (empty: every round).
+    """
+
+    clients: dict[str, str] = field(default_factory=dict)
+    rounds: list[int] = field(default_factory=list)
+    hang_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for cid, kind in self.clients.items():
+            if not cid.lstrip("-").isdigit():
+                raise ConfigError(f"faults.clients.{cid}: keys are client ids")
+            _one_of(f"faults.clients.{cid}", kind, FAULT_KINDS)
+        _positive("faults.hang_s", self.hang_s)
+
+    def fault_for(self, client_id: int, server_round: int) -> str | None:
+        if self.rounds and server_round not in self.rounds:
+            return None
+        return self.clients.get(str(client_id))
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
@@ -262,6 +295,7 @@ class ExperimentConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def prunes(self) -> bool:

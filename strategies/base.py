@@ -335,9 +335,12 @@ class LoraStrategy(Strategy):
         self.round_clients[server_round] = sorted(records, key=lambda r: r["client_id"])
         self.after_round(server_round, self.round_clients[server_round])
         self.round_bytes.setdefault(server_round, {"bytes_down": 0})["bytes_up"] = bytes_up
-        if not updates:
-            log(WARNING, "round %d: no valid update; the global adapter is unchanged", server_round)
+        min_replies = self.experiment.federation.min_replies
+        if len(updates) < min_replies:
+            log(WARNING, "round %d: %d valid update(s), fewer than federation.min_replies=%d; the global adapter"
+                " is unchanged", server_round, len(updates), min_replies)
             return None, None
+        updates.sort(key=lambda u: u.client_id)  # reply order varies; aggregation must not (bitwise resume)
         new_state = self.aggregate(scale_for_holders(updates), self.current)
         bad = is_finite_adapter(new_state.adapter, new_state.head) or is_finite_adapter(new_state.frozen)
         if bad is not None:

@@ -1,0 +1,286 @@
+"""A local Flower deployment as processes: the docker-compose topology on loopback.
+
+``fedtune deploy`` starts a SuperLink and N SuperNodes as processes on 127.0.0.1 (the
+same topology as ``docker-compose.yml``), with TLS and SuperNode authentication on by
+default: certificates are generated into the deployment directory (:func:`generate_certificates`),
+each SuperNode gets its own P-384 key pair (:func:`generate_node_keys`) and is registered
+with ``flwr supernode register`` before it starts, so only registered nodes are admitted.
+Each SuperNode's ``--node-config`` carries its ``partition-id`` and ``device`` class.
+Then ``flwr run`` submits the app and the run's status is read back from Flower
+(``flwr ls --run-id``): ``finished:completed`` is success.
+
+Secrets (private keys) are written with mode 0600 under the deployment directory and never
+logged; ``.gitignore`` keeps ``runs/`` and ``certificates/`` out of the repository.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["generate_certificates", "generate_node_keys", "LocalDeployment", "NodeSpec", "flwr_env"]
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def generate_certificates(out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "superlink"),
+                          days: int = 365) -> dict[str, Path]:
+    """A CA and a SuperLink server certificate signed by it (``ca.crt``, ``server.pem``, ``server.key``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtune local CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": out / "ca.key"}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["cert"].write_bytes(cert.public_bytes(pem))
+    nopass = serialization.NoEncryption()
+    _write_secret(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopass))
+    _write_secret(paths["ca_key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopass))
+    return paths
+
+
+def generate_node_keys(out: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
+    """One SuperNode authentication key pair per name: OpenSSH P-384 (``NAME``, ``NAME.pub``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = out / name, out / f"{name}.pub"
+        _write_secret(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                 serialization.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH) + b"\n")
+        keys[name] = (private, public)
+    return keys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flwr_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: this venv's bin first (SuperLink/SuperNode spawn
+    ``flower-superexec`` from PATH), no telemetry, no update checks, no runtime installs."""
+    bindir = os.path.dirname(sys.executable)
+    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+@dataclass
+class NodeSpec:
+    partition_id: int
+    num_partitions: int
+    device: str = ""
+
+    def node_config(self) -> str:
+        cfg = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
+        return cfg + (f' device="{self.device}"' if self.device else "")
+
+
+@dataclass
+class LocalDeployment:
+    """SuperLink + SuperNodes as processes on loopback; a context manager that stops them all."""
+
+    work_dir: Path
+    nodes: list[NodeSpec]
+    tls: bool = True
+    auth: bool = True
+    port: int = 0
+    connection: str = "fedtune-local"
+    env_extra: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir).resolve()
+        self.home = self.work_dir / "flwr-home"
+        self.logs = self.work_dir / "logs"
+        self.port = self.port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.certs: dict[str, Path] = {}
+        self.keys: dict[str, tuple[Path, Path]] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flwr_env(self.home, self.env_extra)
+
+    def _bin(self, name: str) -> str:
+        return os.path.join(os.path.dirname(sys.executable), name)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def write_connection(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
+                 f'address = "{self.address}"']
+        lines += [f'root-certificates = "{self.certs["ca"]}"'] if self.tls else ["insecure = true"]
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([self._bin("flwr"), *args], env=self.env, cwd=APP_DIR, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start_superlink(self) -> None:
+        if self.tls and not self.certs:
+            self.certs = generate_certificates(self.work_dir / "certificates")
+        self.write_connection()
+        args = [self._bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(self.work_dir / "state.db"), "--disable-runtime-dependency-installation"]
+        args += (["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                  "--ssl-keyfile", str(self.certs["key"])] if self.tls else ["--insecure"])
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        self._spawn("superlink", args)
+        self.wait_for_port(self.port, "superlink")
+
+    def wait_for_port(self, port: int, name: str, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} did not listen on port {port} within {timeout:.0f}s")
+
+    def register(self, name: str) -> tuple[Path, Path]:
+        """Create and register a SuperNode key pair; returns (private, public)."""
+        private, public = generate_node_keys(self.work_dir / "keys", [name])[name]
+        proc = self.flwr("supernode", "register", str(public), self.connection, "--format", "json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"registering SuperNode {name} failed: {(proc.stdout + proc.stderr)[-800:]}")
+        self.keys[name] = (private, public)
+        return private, public
+
+    def start_supernode(self, name: str, spec: NodeSpec, *, register: bool = True) -> subprocess.Popen:
+        """Start one SuperNode; with auth on, it is registered first unless ``register=False``."""
+        args = [self._bin("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1",
+                "--port", str(free_port()), "--node-config", spec.node_config(), "--max-retries", "3",
+                "--max-wait-time", "30"]
+        if self.tls:  # TLS to the SuperLink, and on the SuperNode's own API its ClientApp processes use
+            args += ["--root-certificates", str(self.certs["ca"]), "--ssl-ca-certfile", str(self.certs["ca"]),
+                     "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"])]
+        else:
+            args.append("--insecure")
+        if self.auth:
+            if register:
+                private, public = self.register(name)
+            else:  # a node with keys the SuperLink never saw
+                private, public = generate_node_keys(self.work_dir / "keys", [name])[name]
+            args += ["--auth-supernode-private-key", str(private)]  # the public key is derived from it
+        return self._spawn(name, args)
+
+    def start(self) -> LocalDeployment:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.start_superlink()
+        for i, spec in enumerate(self.nodes):
+            self.start_supernode(f"supernode-{i}", spec)
+        return self
+
+    def submit(self, run_config: dict[str, Any], timeout: float = 900) -> int:
+        """``flwr run`` the app; returns the run id once the run ends (or ``timeout`` passes)."""
+        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        proc = self.flwr("run", str(APP_DIR), self.connection, "--run-config", rc, "--format", "json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
+        run_id = int(json.loads(proc.stdout)["run-id"])
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.status(run_id).startswith("finished"):
+                break
+            time.sleep(2.0)
+        return run_id
+
+    def status(self, run_id: int) -> str:
+        proc = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr ls failed: {(proc.stdout + proc.stderr)[-800:]}")
+        runs = json.loads(proc.stdout)["runs"]
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def stop(self) -> None:
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def command_line(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)

@@ -119,7 +119,8 @@ def _error_reply(msg: Message, client_id: int, exc: BaseException) -> Message:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"config": ConfigRecord({"client-id": client_id_of(context)})}), reply_to=msg)
+    info = {"client-id": client_id_of(context), "device": str(context.node_config.get("device", ""))}
+    return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
 
 
 @app.train()

@@ -30,6 +30,25 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true", help="resume from the run directory's checkpoint")
     sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
 
+    dep = sub.add_parser("deploy", help="run an experiment on a local Flower deployment: a SuperLink and"
+                                        " SuperNodes as processes on 127.0.0.1 (TLS and SuperNode auth on)")
+    common(dep)
+    dep.add_argument("--nodes", type=int, help="number of SuperNodes (default: federation.num_clients)")
+    dep.add_argument("--out", type=Path, help="run directory (default: runs/<name>-deploy-<timestamp>)")
+    dep.add_argument("--work-dir", type=Path, help="certificates, keys, state and logs (default: <out>/deployment)")
+    dep.add_argument("--insecure", action="store_true", help="no TLS (only for trying things on one machine)")
+    dep.add_argument("--no-auth", action="store_true", help="admit any SuperNode (no registration)")
+
+    certs = sub.add_parser("certs", help="generate a CA, a SuperLink certificate and SuperNode auth keys")
+    certs.add_argument("out", type=Path, help="directory to write them to (kept out of git)")
+    certs.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to generate")
+    certs.add_argument("--host", action="append", default=[], help="extra host name or IP of the SuperLink")
+
+    comp = sub.add_parser("compose", help="write docker-compose.yml and with-tls.yml for N SuperNodes")
+    comp.add_argument("--config", type=Path, help="experiment TOML whose fleet gives each node's device class")
+    comp.add_argument("--nodes", type=int, default=3)
+    comp.add_argument("--dir", type=Path, default=Path("."), help="where to write the two files")
+
     show = sub.add_parser("config", help="print the resolved config after overrides")
     common(show)
     sub.add_parser("strategies", help="list registered strategies")
@@ -55,10 +74,31 @@ def main(argv: list[str] | None = None) -> int:
                 doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
                 print(f"{name:10s} {doc[0] if doc else ''}")
             return 0
+        if args.command == "certs":
+            from fedtune.deploy import generate_certificates, generate_node_keys
+
+            paths = generate_certificates(args.out, ("127.0.0.1", "localhost", "superlink", *args.host))
+            keys = generate_node_keys(args.out / "keys", [f"supernode-{i}" for i in range(args.nodes)])
+            print(f"[fedtune] wrote {', '.join(p.name for p in paths.values())} and {len(keys)} SuperNode key pairs"
+                  f" to {args.out} (private keys mode 0600)")
+            return 0
+        if args.command == "compose":
+            from fedtune.deploy import NodeSpec, node_specs, write_compose
+
+            if args.nodes < 1:
+                raise ConfigError(f"--nodes: must be >= 1, got {args.nodes}")
+            cfg = load_config(args.config) if args.config else None
+            nodes = (node_specs(cfg, args.nodes) if cfg and cfg.fleet.devices
+                     else [NodeSpec(i, args.nodes) for i in range(args.nodes)])
+            for path in write_compose(args.dir, nodes):
+                print(f"[fedtune] wrote {path}")
+            return 0
         cfg = _load(args)
         if args.command == "config":
             print(config_to_toml(cfg), end="")
             return 0
+        if args.command == "deploy":
+            return _deploy(args, cfg)
         from fedtune.simulation import prepare_environment, preflight, simulate
 
         prepare_environment(cfg, args.verbose)
@@ -75,6 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[fedtune] {metric}: {summary[f'initial_{metric}']:.4f} (round 0) -> {summary[f'final_{metric}']:.4f}"
           f" (round {summary['rounds']}); outputs in {out}")
     return 0
+
+
+def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    import dataclasses
+
+    from fedtune.deploy import deploy
+
+    if args.nodes is not None:
+        if args.nodes < 1:
+            raise ConfigError(f"--nodes: must be >= 1, got {args.nodes}")
+        fed = dataclasses.replace(cfg.federation, num_clients=args.nodes,
+                                  min_clients=min(cfg.federation.min_clients, args.nodes))
+        cfg = dataclasses.replace(cfg, federation=fed)
+    out = args.out or Path("runs") / f"{cfg.name}-deploy-{time.strftime('%Y%m%d-%H%M%S')}"
+    status, _ = deploy(cfg, out, args.work_dir or out / "deployment", tls=not args.insecure, auth=not args.no_auth)
+    return 0 if status == "finished:completed" else 1
 
 
 if __name__ == "__main__":

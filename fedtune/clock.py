@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.config import ExperimentConfig
@@ -34,18 +34,32 @@ class FleetSimulator:
     model_config: Any
     structure: list[LayerStructure]
     embedding_params: int
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
+    declared: dict[int, DeviceProfile] = field(default_factory=dict)  # device classes nodes declared
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, model: Any, structure: list[LayerStructure]) -> FleetSimulator:
-        devices = build_fleet(cfg.fleet.devices, load_profiles(cfg.fleet.profiles or None))
+        profiles = load_profiles(cfg.fleet.profiles or None)
+        devices = build_fleet(cfg.fleet.devices, profiles)
         prunable = sum(o * i for shapes in model_shape(model.config, structure).layers for o, i in shapes.values())
         total = sum(p.numel() for p in model.parameters())
-        return cls(cfg, devices, model.config, structure, total - prunable)
+        return cls(cfg, devices, model.config, structure, total - prunable, profiles)
+
+    def declare(self, client_id: int, device: str) -> None:
+        """A deployed node's own device class (its ``device`` node config) replaces the mix's."""
+        if device not in self.profiles:
+            raise ValueError(f"client {client_id} declares unknown device {device!r}"
+                             f" (known: {', '.join(sorted(self.profiles))})")
+        self.declared[client_id] = self.profiles[device]
 
     def device(self, client_id: int) -> DeviceProfile:
+        if client_id in self.declared:
+            return self.declared[client_id]
         return self.devices[client_id % len(self.devices)]
 
     def available(self, client_id: int, server_round: int) -> bool:
+        if not self.cfg.fleet.simulate_availability:
+            return True
         return _rng(self.cfg.seed, server_round, client_id, 1).random() < self.device(client_id).availability
 
     def speed_factor(self, client_id: int, server_round: int) -> float:

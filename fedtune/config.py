@@ -209,6 +209,9 @@ class FleetConfig:
     profiles: str = ""  # a TOML file of extra or overriding device profiles
     deadline_s: float = 0.0  # simulated round deadline; stragglers past it are dropped (0 = none)
     dtype: str = "fp32"  # compute dtype for the devices' peak throughput
+    # simulate each device's availability (a profile's probability of taking part in a round);
+    # turn off on a real deployment, where a node takes part when it is connected
+    simulate_availability: bool = True
 
     def __post_init__(self) -> None:
         if self.deadline_s < 0:

@@ -163,7 +163,14 @@ class LoraStrategy(Strategy):
             if reply.has_error():
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
-            self.node_clients[node] = int(reply.content["config"]["client-id"])
+            info = reply.content["config"]
+            self.node_clients[node] = int(info["client-id"])
+            device = str(info.get("device", "") or "")
+            if device and self.fleet is not None:
+                try:
+                    self.fleet.declare(self.node_clients[node], device)
+                except ValueError as exc:
+                    log(WARNING, "node %d: %s; using the fleet mix's device", node, exc)
         for i, n in enumerate(sorted(todo)):  # fallback for nodes that did not answer
             self.node_clients.setdefault(n, 10_000 + i)
         return self.node_clients
@@ -327,6 +334,9 @@ class LoraStrategy(Strategy):
             records.append(rec)
         for node, (client_id, rank, _) in self._sent.items():
             if node not in seen:
+                timeout = self.experiment.federation.round_timeout_s
+                log(WARNING, "round %d: client %d sent no reply within the round timeout (%.0fs); dropped",
+                    server_round, client_id, timeout)
                 records.append({"client_id": client_id, "node_id": node, "rank": rank,
                                 "status": "failed", "reason": "no reply before the round timeout"})
         records += self._prefailed

@@ -123,3 +123,24 @@ def test_memory_grows_with_rank_and_shrinks_with_quantization_and_pruning():
     assert m(full, 4, 32, 16) > m(full, 4, 32, 4) > m(full, 4, 32, 4, quantization="nf4")
     assert m(half, 4, 32, 4) < m(full, 4, 32, 4)
     assert train_flops(half, 4, 32, 4, causal_lm=True) < train_flops(full, 4, 32, 4, causal_lm=True)
+
+
+def test_deployed_nodes_declare_their_device_and_availability_can_be_real():
+    from fedtune.clock import FleetSimulator
+    from fedtune.config import load_config
+    from fedtune.models import cached_base_model
+
+    cfg = load_config(None, ["model.name=\"tiny-bert\"", "federation.num_clients=3", "fleet.devices.jetson-tx2=3"])
+    base = cached_base_model(cfg.model, cfg.seed)
+    fleet = FleetSimulator.from_config(cfg, base.model, model_structure(base.model))
+    assert fleet.device(1).name == "jetson-tx2"
+    fleet.declare(1, "jetson-agx-orin")
+    assert fleet.device(1).name == "jetson-agx-orin" and fleet.device(2).name == "jetson-tx2"
+    with pytest.raises(ValueError, match="client 2 declares unknown device 'toaster'"):
+        fleet.declare(2, "toaster")
+    rounds = range(1, 200)
+    assert not all(fleet.available(0, r) for r in rounds)  # TX2 availability 0.9 is simulated ...
+    real = FleetSimulator.from_config(load_config(None, [
+        "model.name=\"tiny-bert\"", "federation.num_clients=3", "fleet.devices.jetson-tx2=3",
+        "fleet.simulate_availability=false"]), base.model, model_structure(base.model))
+    assert all(real.available(0, r) for r in rounds)  # ... unless the deployment's nodes are real

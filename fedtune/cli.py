@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--work-dir", type=Path, help="certificates, keys, state and logs (default: <out>/deployment)")
     dep.add_argument("--insecure", action="store_true", help="no TLS (only for trying things on one machine)")
     dep.add_argument("--no-auth", action="store_true", help="admit any SuperNode (no registration)")
+    dep.add_argument("--no-worker", action="store_true",
+                     help="train in Flower's per-message ClientApp processes (no persistent worker per node)")
 
     certs = sub.add_parser("certs", help="generate a CA, a SuperLink certificate and SuperNode auth keys")
     certs.add_argument("out", type=Path, help="directory to write them to (kept out of git)")
@@ -129,7 +131,8 @@ def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
                                   min_clients=min(cfg.federation.min_clients, args.nodes))
         cfg = dataclasses.replace(cfg, federation=fed)
     out = args.out or Path("runs") / f"{cfg.name}-deploy-{time.strftime('%Y%m%d-%H%M%S')}"
-    status, _ = deploy(cfg, out, args.work_dir or out / "deployment", tls=not args.insecure, auth=not args.no_auth)
+    status, _ = deploy(cfg, out, args.work_dir or out / "deployment", tls=not args.insecure, auth=not args.no_auth,
+                       worker=not args.no_worker)
     return 0 if status == "finished:completed" else 1
 
 

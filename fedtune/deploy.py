@@ -123,10 +123,12 @@ class NodeSpec:
     partition_id: int
     num_partitions: int
     device: str = ""
+    worker: bool = True  # train in the node's persistent worker (clients/worker.py), not per-message processes
 
     def node_config(self) -> str:
         cfg = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
-        return cfg + (f' device="{self.device}"' if self.device else "")
+        cfg += f' device="{self.device}"' if self.device else ""
+        return cfg + (" client-worker=true" if self.worker else "")
 
 
 @dataclass
@@ -153,7 +155,7 @@ class LocalDeployment:
 
     @property
     def env(self) -> dict[str, str]:
-        return flwr_env(self.home, self.env_extra)
+        return flwr_env(self.home, {"FEDTUNE_WORKER_DIR": str(self.work_dir / "workers"), **self.env_extra})
 
     def _bin(self, name: str) -> str:
         return os.path.join(os.path.dirname(sys.executable), name)
@@ -258,7 +260,7 @@ class LocalDeployment:
         return str(runs[0]["status"]) if runs else "unknown"
 
     def stop(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -270,6 +272,11 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        for pid_file in (self.work_dir / "workers").glob("*.pid"):  # the nodes' training workers
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
 
     def __enter__(self) -> LocalDeployment:
         return self.start()
@@ -286,14 +293,14 @@ def command_line(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def node_specs(cfg: Any, nodes: int) -> list[NodeSpec]:
+def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:
     """One SuperNode per client: partition i of ``nodes``, device class from the fleet mix if any."""
     devices = [name for name, count in cfg.fleet.devices.items() for _ in range(count)]
-    return [NodeSpec(i, nodes, devices[i % len(devices)] if devices else "") for i in range(nodes)]
+    return [NodeSpec(i, nodes, devices[i % len(devices)] if devices else "", worker) for i in range(nodes)]
 
 
-def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool = True, timeout: float = 3600,
-           say: Any = print) -> tuple[str, LocalDeployment]:
+def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool = True, worker: bool = True,
+           timeout: float = 3600, say: Any = print) -> tuple[str, LocalDeployment]:
     """Start the topology, run ``cfg`` on it, stream its progress, stop everything; returns the run status."""
     from fedtune.config import config_to_toml
     from fedtune.report import format_progress
@@ -302,9 +309,10 @@ def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool 
     work_dir.mkdir(parents=True, exist_ok=True)
     experiment = work_dir / "experiment.toml"
     experiment.write_text(config_to_toml(cfg))
-    dep = LocalDeployment(work_dir, node_specs(cfg, n), tls=tls, auth=auth)
+    dep = LocalDeployment(work_dir, node_specs(cfg, n, worker), tls=tls, auth=auth)
     say(f"[fedtune] deploying on {dep.address}: SuperLink + {n} SuperNodes"
-        f" (TLS {'on' if tls else 'off'}, SuperNode auth {'on' if auth else 'off'}); logs in {dep.logs}")
+        f" (TLS {'on' if tls else 'off'}, SuperNode auth {'on' if auth else 'off'},"
+        f" {'persistent' if worker else 'per-message'} client workers); logs in {dep.logs}")
     with dep:
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in
                       {"experiment": str(experiment), "out-dir": str(out.resolve())}.items())

@@ -325,6 +325,10 @@ class LoraStrategy(Strategy):
                        loss_end=update.metrics.get("loss-end", math.nan),
                        train_time_s=update.metrics.get("train-time-s", math.nan),
                        reply_s=round(time.time() - sent_at, 3))
+            for key in ("process-s", "setup-s"):  # a fresh ClientApp process's age at its reply; model/data load
+                value = update.metrics.get(key, math.nan)
+                if math.isfinite(value):
+                    rec[key.replace("-", "_")] = round(value, 3)
             if "info" in reply.content.config_records:
                 rec["worker"] = str(reply.content["info"].get("worker", ""))
             if self.fleet is not None and not self._simulate_cost(server_round, node, update, rec, reply):

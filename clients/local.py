@@ -9,6 +9,7 @@ are loaded once per process and reused.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtune.adapters import Factors
 from fedtune.config import ExperimentConfig, config_from_dict
 from fedtune.data import cached_federated_data
-from fedtune.models import cached_base_model
+from fedtune.models import BaseModel, cached_base_model
 from fedtune.prune_tune import PruneSpec
 from fedtune.pruning import Masks, masks_from_tensors, masks_to_tensors
 from fedtune.records import factors_to_record, record_to_state
@@ -41,10 +42,9 @@ def _experiment(text: str) -> ExperimentConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def _client_data(experiment_toml: str, client_id: int) -> Tokenized:
+def _client_data(experiment_toml: str, client_id: int, base: BaseModel) -> Tokenized:
     cfg = _experiment(experiment_toml)
     fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
-    base = cached_base_model(cfg.model, cfg.seed)
     return tokenize(fed.partition(client_id), base.tokenizer, cfg.model.task, cfg.model.max_length)
 
 
@@ -123,9 +123,14 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     if fault == "crash":
         LOG.error("client %d: injected crash in round %d", client_id, server_round)
         (on_crash or (lambda: os._exit(3)))()
+    quantization = str(config.get("quantization", cfg.model.quantization))
+    model_cfg = dataclasses.replace(cfg.model, quantization=quantization, quantization_by_device={})
+    fraction = float(config.get("gpu-fraction", 0.0))
+    if fraction and torch.cuda.is_available():  # this device class's share of the GPU
+        torch.cuda.set_per_process_memory_fraction(fraction)
     t_setup = time.perf_counter()
-    base = cached_base_model(cfg.model, cfg.seed)
-    data = _client_data(experiment_toml, client_id)
+    base = cached_base_model(model_cfg, cfg.seed)
+    data = _client_data(experiment_toml, client_id, base)
     setup_s = time.perf_counter() - t_setup
     train_state = record_to_state(content["arrays"])
     seed = cfg.seed * 1_000_003 + server_round * 10_007 + client_id

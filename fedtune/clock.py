@@ -71,15 +71,29 @@ class FleetSimulator:
     def shape(self, masks: Masks | None) -> ModelShape:
         return model_shape(self.model_config, self.structure, masks, self.embedding_params)
 
-    def peak_gb(self, shape: ModelShape, rank: int, batch: int, seq: int) -> float:
+    def peak_gb(self, shape: ModelShape, rank: int, batch: int, seq: int, quantization: str = "none") -> float:
         head = 0 if self.cfg.model.task != "classification" else shape.hidden * (self.cfg.model.num_labels + 1)
-        return peak_memory_bytes(shape, batch, seq, rank, self.cfg.model.quantization, None,
-                                 trainable_extra=head) / 1e9
+        return peak_memory_bytes(shape, batch, seq, rank, quantization, None, trainable_extra=head) / 1e9
+
+    def quantization(self, client_id: int, rank: int, masks: Masks | None) -> str:
+        """The client's base-weight width: its device class's setting, or with ``auto`` the widest
+        (none, then int8, then nf4) whose predicted peak memory fits the device (FedPipe)."""
+        mc, dev = self.cfg.model, self.device(client_id)
+        if dev.name in mc.quantization_by_device:
+            return mc.quantization_by_device[dev.name]
+        if mc.quantization != "auto":
+            return mc.quantization
+        shape = self.shape(masks)
+        for width in ("none", "int8", "nf4"):
+            if self.peak_gb(shape, rank, self.cfg.train.batch_size, mc.max_length, width) <= dev.memory_gb:
+                return width
+        return "nf4"  # nothing fits: the narrowest, and the precheck reports the OOM
 
     def precheck(self, client_id: int, rank: int, masks: Masks | None) -> str | None:
         """The OOM reason for this configuration at the worst-case sequence length, else None."""
         dev = self.device(client_id)
-        gb = self.peak_gb(self.shape(masks), rank, self.cfg.train.batch_size, self.cfg.model.max_length)
+        gb = self.peak_gb(self.shape(masks), rank, self.cfg.train.batch_size, self.cfg.model.max_length,
+                          self.quantization(client_id, rank, masks))
         if gb > dev.memory_gb:
             return f"out of memory on {dev.name}: needs {gb:.2f} GB, has {dev.memory_gb:.2f} GB"
         return None
@@ -91,7 +105,9 @@ class FleetSimulator:
         shape = self.shape(masks)
         flops = train_flops(shape, batch, seq, rank, None, causal_lm=self.cfg.model.task != "classification")
         return client_round_cost(self.device(client_id), flops_per_step=flops, steps=steps, bytes_down=bytes_down,
-                                 bytes_up=bytes_up, peak_bytes=self.peak_gb(shape, rank, batch, seq) * 1e9,
+                                 bytes_up=bytes_up,
+                                 peak_bytes=self.peak_gb(shape, rank, batch, seq,
+                                                         self.quantization(client_id, rank, masks)) * 1e9,
                                  dtype=self.cfg.fleet.dtype, speed_factor=self.speed_factor(client_id, server_round))
 
 

@@ -44,6 +44,9 @@ class ConfigError(ValueError):
 
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("none", "nf4", "int8")
+QUANTIZATION_CHOICES = (*QUANTIZATIONS, "auto")
+DEVICES = ("auto", "cpu", "cuda")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,22 @@ class ModelConfig:
     task: str = "classification"  # "classification" (accuracy) or "causal-lm" (loss, perplexity)
     num_labels: int = 2  # classification only
     max_length: int = 64  # tokens per example after truncation
-    quantization: str = "none"  # "none" | "nf4" | "int8" (bitsandbytes)
+    # base weights on the clients: "none" | "nf4" | "int8" (bitsandbytes), or "auto": per client, the
+    # widest width whose predicted peak memory fits its device (needs fleet.devices)
+    quantization: str = "none"
+    quantization_by_device: dict[str, str] = field(default_factory=dict)  # device class -> width
+    double_quant: bool = True  # NF4: quantize the quantization constants too (QLoRA)
+    compute_dtype: str = "float32"  # dtype of 4-bit matmuls (bfloat16 on GPUs that have it)
+    device: str = "auto"  # where clients train: "auto" (CUDA when visible), "cpu" or "cuda"
     head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])
 
     def __post_init__(self) -> None:
         _one_of("model.task", self.task, TASKS)
-        _one_of("model.quantization", self.quantization, QUANTIZATIONS)
+        _one_of("model.quantization", self.quantization, QUANTIZATION_CHOICES)
+        for dev, q in self.quantization_by_device.items():
+            _one_of(f"model.quantization_by_device.{dev}", q, QUANTIZATIONS)
+        _one_of("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _one_of("model.device", self.device, DEVICES)
         _positive("model.max_length", self.max_length)
         if self.task == "classification" and self.num_labels < 2:
             raise ConfigError(f"model.num_labels: must be >= 2, got {self.num_labels}")
@@ -247,8 +260,14 @@ class SimulationConfig:
     num_gpus_per_client: float = 0.0
     ray_tmpdir: str = "/tmp/fedtune-ray"  # keep short: Ray's socket path must stay < 107 bytes
     ray_address: str = ""  # attach to a running Ray cluster ("host:port" of `ray start --head`); "" = local
+    # on a GPU: each device class's share of the GPU (e.g. {jetson-tx2 = 0.1, jetson-agx-xavier = 0.25}):
+    # a client of that class trains under that CUDA memory cap; Ray reserves the largest share per worker
+    gpu_fraction_by_device: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for dev, f in self.gpu_fraction_by_device.items():
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"simulation.gpu_fraction_by_device.{dev}: must be in (0, 1], got {f}")
         if self.num_cpus_per_client <= 0:
             raise ConfigError(f"simulation.num_cpus_per_client: must be > 0, got {self.num_cpus_per_client}")
         if self.num_gpus_per_client < 0:
@@ -310,6 +329,14 @@ class ExperimentConfig:
         if self.fleet.devices and n_devices != self.federation.num_clients:
             raise ConfigError(f"fleet.devices: the mix has {n_devices} devices but federation.num_clients ="
                               f" {self.federation.num_clients}")
+        for key, table in (("model.quantization_by_device", self.model.quantization_by_device),
+                           ("simulation.gpu_fraction_by_device", self.simulation.gpu_fraction_by_device)):
+            unknown = sorted(set(table) - set(self.fleet.devices))
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]}: not a device class of fleet.devices"
+                                  f" ({', '.join(self.fleet.devices) or 'no fleet'})")
+        if self.model.quantization == "auto" and not self.fleet.devices:
+            raise ConfigError("model.quantization: 'auto' picks a width per device and needs fleet.devices")
         if self.federation.min_clients > self.federation.num_clients:
             raise ConfigError(
                 f"federation.min_clients: {self.federation.min_clients} exceeds"

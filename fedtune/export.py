@@ -30,11 +30,42 @@ __all__ = ["combined_factors", "save_peft_adapter", "save_checkpoint", "load_che
            "load_pruned_model"]
 
 
+def dequantize_linears(model: torch.nn.Module) -> int:
+    """Replace bitsandbytes 4-/8-bit linears by float ``nn.Linear`` holding their dequantized
+    weights (what the quantized forward multiplies by); returns how many were replaced."""
+    from fedtune.pruning import float_weight
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        w = float_weight(module)
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if module.bias is not None:
+                lin.bias.copy_(module.bias.float())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+        replaced += 1
+    if replaced and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    return replaced
+
+
 def _fresh_base(cfg: ExperimentConfig) -> BaseModel:
-    """A private copy of the base model: a deep copy of the process's cached one (no disk
-    reload per exported client); quantized bases are reloaded, since they do not deep-copy."""
+    """A private float copy of the base model: a deep copy of the process's cached one (no disk
+    reload per exported client); a quantized base is reloaded (it does not deep-copy) and
+    dequantized, so the export merges, slices and saves plain float weights."""
     if cfg.model.quantization != "none":
-        return load_base_model(cfg.model, cfg.seed)
+        base = load_base_model(cfg.model, cfg.seed)
+        dequantize_linears(base.model)
+        return base
     base = cached_base_model(cfg.model, cfg.seed)
     return dataclasses.replace(base, model=copy.deepcopy(base.model))
 

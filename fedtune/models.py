@@ -60,6 +60,19 @@ class BaseModel:
     head_names: list[str]  # trainable task-head parameter names (classification)
     architecture: str  # "bert" | "llama" | other model_type
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device: 'cuda' asked for, but no CUDA GPU is visible")
+    return device
+
 
 def package_dir(package: str) -> Path:
     """Directory of an installed package, found without importing it."""
@@ -135,14 +148,16 @@ def _auto_class(task: str) -> Any:
 
 
 def _quantization_config(cfg: ModelConfig) -> Any:
-    if cfg.quantization == "none":
+    if cfg.quantization in ("none", "auto"):  # "auto" is resolved per client into nf4/int8/none first
         return None
     from transformers import BitsAndBytesConfig  # bitsandbytes is imported lazily by transformers
 
+    skip = list(cfg.head_modules)  # the task head is trained and new: it stays a float linear
     if cfg.quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+                                  bnb_4bit_use_double_quant=cfg.double_quant, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def _guard_bnb_cpu_repacking(model: nn.Module) -> None:
@@ -163,8 +178,11 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     if cfg.task == "classification":
         extra["num_labels"] = cfg.num_labels
     qcfg = _quantization_config(cfg)
+    device = resolve_device(cfg.device)
     if qcfg is not None:
         extra["quantization_config"] = qcfg
+        if device == "cuda":  # bitsandbytes quantizes while it places the weights on the GPU
+            extra["device_map"] = {"": torch.cuda.current_device()}
     torch.manual_seed(seed)  # a freshly initialised task head is the same in every process
     if name in ("tiny-bert", "tiny-llama"):
         if qcfg is not None:
@@ -195,6 +213,8 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
         model.config.pad_token_id = tokenizer.pad_token_id
     if qcfg is not None:
         _guard_bnb_cpu_repacking(model)
+    elif device != "cpu":
+        model.to(device)
     head_names = [
         n for n, _ in model.named_parameters()
         if cfg.task == "classification" and any(n == h or n.startswith(h + ".") for h in cfg.head_modules)
@@ -218,7 +238,8 @@ _BASE_CACHE: dict[tuple[Any, ...], BaseModel] = {}
 
 def cached_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     """The process-wide base model for ``(cfg, seed)``: loaded on first use, then reused."""
-    key = (cfg.name, cfg.task, cfg.num_labels, cfg.quantization, tuple(cfg.head_modules), seed)
+    key = (cfg.name, cfg.task, cfg.num_labels, cfg.quantization, cfg.double_quant, cfg.compute_dtype, cfg.device,
+           tuple(cfg.head_modules), seed)
     if key not in _BASE_CACHE:
         _BASE_CACHE[key] = load_base_model(cfg, seed)
     return _BASE_CACHE[key]
@@ -289,8 +310,8 @@ def read_factors(peft_model: Any) -> Factors:
     out: Factors = {}
     for name, layer in lora_layers(peft_model).items():
         scale = layer.scaling["default"]
-        a = layer.lora_A["default"].weight.detach().float().clone()
-        b = layer.lora_B["default"].weight.detach().float().clone() * scale
+        a = layer.lora_A["default"].weight.detach().float().cpu().clone()
+        b = layer.lora_B["default"].weight.detach().float().cpu().clone() * scale
         out[name] = (a, b)
     return out
 
@@ -300,7 +321,8 @@ def add_frozen_delta(peft_model: Any, frozen: Factors) -> list[Any]:
     layers = lora_layers(peft_model)
     handles = []
     for name, (a, b) in frozen.items():
-        a_f, b_f = a.detach().float(), b.detach().float()
+        dev = next(layers[name].parameters()).device
+        a_f, b_f = a.detach().float().to(dev), b.detach().float().to(dev)
 
         def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
                  a_f: torch.Tensor = a_f, b_f: torch.Tensor = b_f) -> torch.Tensor:

@@ -20,6 +20,7 @@ from fedtune.pruning import (
     Masks,
     apply_masks,
     cubic_ratio,
+    float_weight,
     full_masks,
     lora_weight_gradient,
     module_keep,
@@ -83,9 +84,7 @@ class PruneAndTune:
         with torch.no_grad():
             for path in self.prunable & set(self.layers):
                 layer = self.layers[path]
-                w = layer.base_layer.weight
-                if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                    raise NotImplementedError(f"{self.spec.method} importance needs a float base weight at {path}")
+                w = float_weight(layer.base_layer)  # dequantized when the base is 4- or 8-bit
                 a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
                 s = layer.scaling["default"]
                 merged = w.float() + s * (b @ a)
@@ -94,12 +93,13 @@ class PruneAndTune:
                     gb = b.grad if b.grad is not None else torch.zeros_like(b)
                     out[path] = (lora_weight_gradient(a, b, ga, gb, s) * merged).abs()
                 elif self.spec.method == "taylor":
-                    if w.grad is not None:
-                        out[path] = (w.grad.float() * w.float()).abs()
+                    g = layer.base_layer.weight.grad
+                    if g is not None:
+                        out[path] = (g.float() * w.float()).abs()
                 elif self.spec.method == "magnitude":
                     out[path] = merged.abs()
                 else:  # random
-                    out[path] = torch.rand(merged.shape, generator=self.gen)
+                    out[path] = torch.rand(merged.shape, generator=self.gen).to(merged.device)
         return out
 
     def observe(self) -> None:
@@ -108,7 +108,8 @@ class PruneAndTune:
             return
         if self.spec.method in ("magnitude", "random") and self.scores is not None:
             return  # static criteria: computed once
-        current = unit_scores(self.structure, self._weight_importance())
+        current = {layer: {k: v.cpu() for k, v in m.items()}  # small per-unit vectors live on the CPU
+                   for layer, m in unit_scores(self.structure, self._weight_importance()).items()}
         if self.scores is None:
             self.scores = current
         else:
@@ -136,9 +137,11 @@ class PruneAndTune:
                 continue
             layer = self.layers[path]
             if how == "rows":
-                layer.lora_B["default"].weight[~keep] = 0.0
+                w = layer.lora_B["default"].weight
+                w[~keep.to(w.device)] = 0.0
             else:
-                layer.lora_A["default"].weight[:, ~keep] = 0.0
+                w = layer.lora_A["default"].weight
+                w[:, ~keep.to(w.device)] = 0.0
 
     def close(self) -> None:
         for h in self.handles:

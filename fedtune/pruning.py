@@ -132,6 +132,22 @@ def module_keep(structure: list[LayerStructure], masks: Masks) -> dict[str, tupl
     return out
 
 
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a float tensor, dequantized from bitsandbytes' 4-bit
+    (``Params4bit``) or 8-bit (``Int8Params``) storage when the base is quantized."""
+    w = linear.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if kind == "Int8Params":
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(w, state=getattr(linear, "state", None)).float()
+    return w.float()
+
+
 def apply_masks(model: nn.Module, structure: list[LayerStructure], masks: Masks) -> list[Any]:
     """Zero the inputs of each output projection for pruned units; returns hook handles.
 
@@ -149,7 +165,7 @@ def apply_masks(model: nn.Module, structure: list[LayerStructure], masks: Masks)
 
             def pre_hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], scale: torch.Tensor = scale) -> Any:
                 x = args[0]
-                return (x * scale.to(x.dtype), *args[1:])
+                return (x * scale.to(device=x.device, dtype=x.dtype), *args[1:])
 
             handles.append(modules[path].register_forward_pre_hook(pre_hook))
     return handles

@@ -29,6 +29,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     for cid in range(cfg.federation.num_clients):
         if len(fed.partition(cid)) == 0:
             raise ConfigError(f"data.partitioner: client {cid} gets an empty partition; change partitioner_args")
+    sim = cfg.simulation
+    if (sim.num_gpus_per_client or sim.gpu_fraction_by_device) and not _cuda_visible():
+        key = "simulation.gpu_fraction_by_device" if sim.gpu_fraction_by_device else "simulation.num_gpus_per_client"
+        raise ConfigError(f"{key}: asks for GPUs, but no CUDA GPU is visible on this machine")
     base = cached_base_model(cfg.model, cfg.seed)
     lora_shapes(base, cfg)
     if cfg.fleet.devices:  # unknown devices, bad profile files: errors before Ray starts
@@ -36,6 +40,12 @@ def preflight(cfg: ExperimentConfig) -> None:
         from fedtune.pruning import model_structure
 
         FleetSimulator.from_config(cfg, base.model, model_structure(base.model))
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def prepare_environment(cfg: ExperimentConfig, verbose: bool = False) -> None:
@@ -81,6 +91,8 @@ def simulate(cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False, verb
     resources: dict[str, Any] = {"num_cpus": cfg.simulation.num_cpus_per_client}
     if cfg.simulation.num_gpus_per_client:
         resources["num_gpus"] = cfg.simulation.num_gpus_per_client
+    elif cfg.simulation.gpu_fraction_by_device:  # Flower's Ray workers share one spec: the largest class share
+        resources["num_gpus"] = max(cfg.simulation.gpu_fraction_by_device.values())
     init_args: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
     if cfg.simulation.ray_address:  # a multi-node cluster: its nodes bring their own CPUs and GPUs
         init_args["address"] = cfg.simulation.ray_address

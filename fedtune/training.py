@@ -166,6 +166,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
         log_prior = None
         if base.config.task == "classification" and cfg.train.logit_adjustment > 0:
             log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
+            log_prior = log_prior.to(base.device)
         gen = torch.Generator().manual_seed(seed)
         pad_id = base.tokenizer.pad_token_id
         n_steps = steps or cfg.train.local_steps
@@ -181,7 +182,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout draws from the global generator
             for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
-                batch = _collate(data, idx, pad_id, base.config.task)
+                batch = {k: v.to(base.device) for k, v in _collate(data, idx, pad_id, base.config.task).items()}
                 tokens += batch["input_ids"].numel()
                 if log_prior is None:
                     loss = peft_model(**batch).loss
@@ -199,7 +200,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
                 losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - t0
         factors = read_factors(peft_model)
-        head = {n: p.detach().float().clone() for n, p in inner.named_parameters() if n in base.head_names}
+        head = {n: p.detach().float().cpu().clone() for n, p in inner.named_parameters() if n in base.head_names}
     finally:
         if pruner is not None:
             pruner.close()
@@ -231,7 +232,7 @@ def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg:
         bs = cfg.train.eval_batch_size
         for start in range(0, len(data), bs):
             idx = list(range(start, min(start + bs, len(data))))
-            batch = _collate(data, idx, pad_id, base.config.task)
+            batch = {k: v.to(base.device) for k, v in _collate(data, idx, pad_id, base.config.task).items()}
             out = peft_model(**batch)
             if base.config.task == "classification":
                 total_loss += float(out.loss) * len(idx)
@@ -260,4 +261,4 @@ def lora_shapes(base: BaseModel, cfg: ExperimentConfig) -> dict[str, tuple[int, 
 
 def head_state(base: BaseModel) -> dict[str, torch.Tensor]:
     params = dict(base.model.named_parameters())
-    return {n: params[n].detach().float().clone() for n in base.head_names}
+    return {n: params[n].detach().float().cpu().clone() for n in base.head_names}

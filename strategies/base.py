@@ -220,7 +220,11 @@ class LoraStrategy(Strategy):
             cfg.update({
                 "server-round": server_round, "client-id": client_id, "rank": rank,
                 "train-a": self.trains_a, "prune-ratio": float(self.prune_ratio_for(client_id, server_round)),
+                "quantization": self.quantization_for(client_id, rank),
             })
+            fraction = self.gpu_fraction_for(client_id)
+            if fraction:
+                cfg["gpu-fraction"] = fraction
             self._bytes_down[node] = payload.count_bytes()
             bytes_down += self._bytes_down[node]
             messages.append(Message(RecordDict({"arrays": payload, "config": cfg}),
@@ -231,6 +235,19 @@ class LoraStrategy(Strategy):
         log(INFO, "configure_train: round %d, %d clients, ranks %s", server_round, len(messages),
             sorted({r for _, r, _ in self._sent.values()}))
         return messages
+
+    def quantization_for(self, client_id: int, rank: int) -> str:
+        """The base-weight width this client trains on (per device class, or ``auto`` by memory)."""
+        if self.fleet is None:
+            return self.experiment.model.quantization
+        return self.fleet.quantization(client_id, rank, self.client_masks.get(client_id))
+
+    def gpu_fraction_for(self, client_id: int) -> float:
+        """The client's device class's share of the GPU (``simulation.gpu_fraction_by_device``), 0 if none."""
+        table = self.experiment.simulation.gpu_fraction_by_device
+        if self.fleet is None or not table:
+            return 0.0
+        return float(table.get(self.fleet.device(client_id).name, 0.0))
 
     def _sent_info(self, node: int) -> tuple[int, int, float]:
         """(client id, rank, send time) of the message sent to ``node`` this round (rank -1: none sent)."""

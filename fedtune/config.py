@@ -62,6 +62,7 @@ class ModelConfig:
     double_quant: bool = True  # NF4: quantize the quantization constants too (QLoRA)
     compute_dtype: str = "float32"  # dtype of 4-bit matmuls (bfloat16 on GPUs that have it)
     device: str = "auto"  # where clients train: "auto" (CUDA when visible), "cpu" or "cuda"
+    dtype: str = "float32"  # dtype of the (unquantized) base weights: float32, bfloat16 or float16
     head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class ModelConfig:
             _one_of(f"model.quantization_by_device.{dev}", q, QUANTIZATIONS)
         _one_of("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _one_of("model.device", self.device, DEVICES)
+        _one_of("model.dtype", self.dtype, COMPUTE_DTYPES)
         _positive("model.max_length", self.max_length)
         if self.task == "classification" and self.num_labels < 2:
             raise ConfigError(f"model.num_labels: must be >= 2, got {self.num_labels}")
@@ -133,9 +135,16 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_threads: int = 1  # torch threads per client (match simulation.num_cpus_per_client)
     logit_adjustment: float = 1.0  # classification: tau of the local label-prior logit adjustment; 0 = off
+    # causal LM: the cross-entropy over the vocabulary in chunks of this many tokens, each chunk's
+    # gradient formed at once, so a (tokens x vocab) logit tensor never exists (used when a batch has
+    # more tokens than one chunk); 0 = off
+    loss_chunk_tokens: int = 1024
+    gradient_checkpointing: bool = False  # recompute the decoder's activations in the backward pass
 
     def __post_init__(self) -> None:
         _positive("train.local_steps", self.local_steps)
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens: must be >= 0, got {self.loss_chunk_tokens}")
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_batch_size", self.eval_batch_size)
         _positive("train.num_threads", self.num_threads)

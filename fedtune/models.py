@@ -189,7 +189,7 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
             raise ConfigError(f"model.quantization: {cfg.quantization!r} needs a pretrained checkpoint, not {name!r}")
         tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
         config = _tiny_config(name, cfg, len(tokenizer))
-        model = task_cls.from_config(config)
+        model = task_cls.from_config(config, dtype=getattr(torch, cfg.dtype))
     else:
         if name == "minilm":
             if cfg.task != "classification":
@@ -204,7 +204,7 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
                     raise ConfigError(f"model.name: no such model directory: {name}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = task_cls.from_pretrained(path, dtype=torch.float32, **extra)
+            model = task_cls.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **extra)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.name: cannot load {name!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:
@@ -238,7 +238,7 @@ _BASE_CACHE: dict[tuple[Any, ...], BaseModel] = {}
 
 def cached_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
     """The process-wide base model for ``(cfg, seed)``: loaded on first use, then reused."""
-    key = (cfg.name, cfg.task, cfg.num_labels, cfg.quantization, cfg.double_quant, cfg.compute_dtype, cfg.device,
+    key = (cfg.name, cfg.task, cfg.num_labels, cfg.quantization, cfg.double_quant, cfg.compute_dtype, cfg.device, cfg.dtype,
            tuple(cfg.head_modules), seed)
     if key not in _BASE_CACHE:
         _BASE_CACHE[key] = load_base_model(cfg, seed)

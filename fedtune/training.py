@@ -106,6 +106,64 @@ class LocalResult:
     sparsity: float = 0.0  # fraction of prunable parameters removed
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``h @ W^T (+ b)`` computed chunk by chunk, with the gradient of ``h``
+    (and of ``W``, ``b`` when they train) formed in the same pass: the (tokens x vocab) logits
+    never exist as a whole and nothing is recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        n = max(int(y.numel()), 1)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start:start + chunk], y[start:start + chunk]
+            logits = (hc @ weight.T).float()
+            if bias is not None:
+                logits = logits + bias.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            r = rows[: hc.shape[0]]
+            total = total + (lse - logits[r, yc]).sum()
+            g = torch.exp(logits - lse[:, None])  # softmax, then minus the one-hot target
+            g[r, yc] -= 1.0
+            g = g / n
+            grad_h[start:start + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w += g.T @ hc.float()
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, *(t for t in (grad_w, grad_b) if t is not None))
+        ctx.has = (grad_w is not None, grad_b is not None)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
+        grad_h, *rest = ctx.saved_tensors
+        gw = rest.pop(0).to(ctx.dtypes[0]) * grad_out if ctx.has[0] else None
+        gb = rest.pop(0).to(ctx.dtypes[1]) * grad_out if ctx.has[1] else None
+        return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None
+
+
+def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Next-token cross-entropy (mean over labelled tokens, as transformers computes it) without
+    materialising the (tokens x vocab) logits: the decoder's hidden states go through the output
+    layer ``chunk_tokens`` at a time, and each chunk's gradient is formed as it is computed
+    (:class:`_LinearCrossEntropy`), so only one chunk of logits is alive at any moment."""
+    trunk = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    return _LinearCrossEntropy.apply(h[keep], head.weight, head.bias, y[keep], chunk_tokens)
+
+
 def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
     """Inject LoRA at ``rank``, load the state's factors and head, hook its frozen part."""
     peft_model = attach_lora(base, rank, cfg.lora, cfg.prunes)
@@ -175,6 +233,9 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             pruner = PruneAndTune(inner, lora_layers(peft_model), model_structure(inner),
                                   prune or PruneSpec(target=0.0), n_steps, masks=masks, scores=scores, seed=seed)
             pruner.enforce()
+        if cfg.train.gradient_checkpointing:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.enable_input_require_grads()
         peft_model.train()
         losses = []
         tokens = 0
@@ -184,7 +245,11 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
                 batch = {k: v.to(base.device) for k, v in _collate(data, idx, pad_id, base.config.task).items()}
                 tokens += batch["input_ids"].numel()
-                if log_prior is None:
+                chunk = cfg.train.loss_chunk_tokens
+                if base.config.task == "causal-lm" and 0 < chunk < batch["input_ids"].numel():
+                    loss = chunked_causal_lm_loss(inner, batch["input_ids"], batch["attention_mask"],
+                                                  batch["labels"], cfg.train.loss_chunk_tokens)
+                elif log_prior is None:
                     loss = peft_model(**batch).loss
                 else:
                     labels = batch.pop("labels")
@@ -204,6 +269,9 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
     finally:
         if pruner is not None:
             pruner.close()
+        if cfg.train.gradient_checkpointing:
+            inner.gradient_checkpointing_disable()
+            inner.disable_input_require_grads()
         _release(peft_model, base, handles, own_head)
     k = max(1, len(losses) // 4)
     result = LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),

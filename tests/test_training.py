@@ -152,3 +152,52 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(bert):
         bias = res.head["classifier.bias"]
         drift[tau] = float(bias[1] - bias[0])
     assert drift[0.0] > 0.02 and drift[1.0] < 0.5 * drift[0.0]
+
+
+def test_chunked_causal_lm_loss_matches_transformers_loss_and_gradients():
+    """The chunked cross-entropy equals transformers' loss and gives the same LoRA gradients."""
+    from fedtune.config import config_from_dict
+    from fedtune.models import attach_lora, cached_base_model, detach_lora, lora_layers
+    from fedtune.training import chunked_causal_lm_loss
+
+    cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 32}})
+    base = cached_base_model(cfg.model, cfg.seed)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (3, 17), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    peft_model = attach_lora(base, 4, cfg.lora)
+    try:
+        for layer in lora_layers(peft_model).values():
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1, generator=gen)
+        inner = peft_model.base_model.model
+        grads = []
+        for loss_fn in (lambda: peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                        lambda: chunked_causal_lm_loss(inner, ids, mask, labels, chunk_tokens=7)):
+            peft_model.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for n, p in inner.named_parameters() if "lora_" in n]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+        for g_ref, g in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(g_ref, g, rtol=1e-4, atol=1e-6)
+    finally:
+        detach_lora(peft_model, base)
+
+
+def test_fused_linear_cross_entropy_gradients_for_every_input():
+    from fedtune.training import _LinearCrossEntropy
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(23, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (23,), generator=gen)
+    ref = torch.nn.functional.cross_entropy(h @ w.T + b, y)
+    ref_grads = torch.autograd.grad(ref * 2.0, (h, w, b))
+    got = _LinearCrossEntropy.apply(h, w, b, y, 5)
+    got_grads = torch.autograd.grad(got * 2.0, (h, w, b))
+    torch.testing.assert_close(got, ref.float())
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r)

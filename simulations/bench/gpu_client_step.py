@@ -1,0 +1,221 @@
+"""fedtune's client trainer against a hand-written transformers + peft loop, side by side.
+
+For a randomly initialised Llama-3.2-1B-shaped model (``--shape 1b``: 16 layers, hidden 2048,
+32 heads / 8 KV heads, FFN 8192, vocabulary 128,256), LoRA r=16 on every linear layer of the
+decoder, batches of 8 x 1024 tokens and AdamW, it measures tokens/s and peak GPU memory of
+
+- the bare loop a user would write: ``get_peft_model`` + ``model(input_ids, labels=...)`` +
+  ``loss.backward()`` + ``AdamW.step()``, and
+- fedtune's client trainer, :func:`fedtune.training.train_local` (the code a client runs in a
+  federation: LoRA injected into the shared base model, chunked vocabulary cross-entropy),
+
+for a bf16 base, NF4 and int8 bases (bitsandbytes) and a 50%-pruned bf16 base (half the KV
+groups and FFN channels sliced away), in the same process, one after the other. It needs
+torch, transformers, peft (and bitsandbytes for NF4/int8) but neither flwr nor ray. It prints
+one JSON object and writes it to ``--out``.
+
+    python simulations/bench/gpu_client_step.py                                  # the GPU run (< 5 min)
+    python simulations/bench/gpu_client_step.py --shape small --device cpu \\
+        --out simulations/results/gpu_client_step_cpu.json                       # the CPU side, small shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, batch=8, seq=1024),
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=32000, batch=4, seq=256),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 3) if device == "cuda" else None
+
+
+def llama_config(shape: dict, dtype: torch.dtype):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
+                      max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=True,
+                      rope_theta=500000.0, attn_implementation="sdpa")
+    cfg.torch_dtype = dtype
+    return cfg
+
+
+def build_model(base: str, shape: dict, device: str, dtype: torch.dtype, tmp: Path):
+    """A seeded random Llama of ``shape`` as the requested base, on ``device``."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = llama_config(shape, dtype)
+    if base in ("nf4", "int8"):
+        ckpt = tmp / "ckpt"
+        if not (ckpt / "config.json").exists():
+            LlamaForCausalLM(cfg).to(dtype).save_pretrained(ckpt)
+        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                bnb_4bit_use_double_quant=True) if base == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs = {"device_map": {"": 0}} if device == "cuda" else {}
+        model = LlamaForCausalLM.from_pretrained(ckpt, quantization_config=q, dtype=dtype, **kwargs)
+        if device == "cpu":
+            for m in model.modules():  # the AVX512-BF16 repacking trap (STACK.md)
+                if hasattr(m, "support_avx512bf16_for_cpu"):
+                    m.support_avx512bf16_for_cpu = False
+    else:
+        model = LlamaForCausalLM(cfg).to(dtype).to(device)
+        if base == "pruned50":
+            from fedtune.pruning import full_masks, model_structure, prune_step, slice_model
+
+            structure = model_structure(model)
+            gen = torch.Generator().manual_seed(1)
+            scores = {ls.layer: {"attn": torch.rand(ls.num_units, generator=gen),
+                                 "ffn": torch.rand(ls.ffn_dim, generator=gen)} for ls in structure}
+            slice_model(model, structure, prune_step(full_masks(structure), scores, 0.5))
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def batches(shape: dict, steps: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, vocab, (shape["batch"], shape["seq"]), generator=gen) for _ in range(steps)]
+
+
+def bare_loop(model, shape: dict, device: str, steps: int, warmup: int, lr: float) -> dict:
+    """What a user writes by hand with transformers + peft."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    peft_model.train()
+    data = batches(shape, warmup + steps, model.config.vocab_size, 2)
+    reset_peak(device)
+    t0 = 0.0
+    for i, x in enumerate(data):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        x = x.to(device)
+        loss = peft_model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss.detach())  # a user logs the loss: one sync per step, as fedtune does
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    out = {"tokens_per_s": round(steps * shape["batch"] * shape["seq"] / elapsed, 1), "peak_mem_gb": peak_gb(device)}
+    peft_model.unload()
+    del opt, peft_model
+    return out
+
+
+def fedtune_loop(model, base_name: str, shape: dict, device: str, steps: int, warmup: int, lr: float) -> dict:
+    """fedtune's client trainer (fedtune.training.train_local) on the same model."""
+    from fedtune.adapters import GlobalAdapter
+    from fedtune.config import config_from_dict
+    from fedtune.models import BaseModel
+    from fedtune.training import Tokenized, train_local
+
+    cfg = config_from_dict({
+        "model": {"name": f"bench-{base_name}", "task": "causal-lm", "max_length": shape["seq"]},
+        "lora": {"ranks": [16], "alpha": 32.0, "target_modules": TARGETS},
+        "train": {"batch_size": shape["batch"], "learning_rate": lr, "local_steps": steps,
+                  "loss_chunk_tokens": int(os.environ.get("FEDTUNE_BENCH_CHUNK", "1024")),
+                  "num_threads": max(1, torch.get_num_threads())}})
+    base = BaseModel(model=model, tokenizer=SimpleNamespace(pad_token_id=0), config=cfg.model, head_names=[],
+                     architecture="llama")
+    n = (warmup + steps) * shape["batch"]
+    data = Tokenized(input_ids=[row.tolist() for x in batches(shape, warmup + steps, model.config.vocab_size, 2)
+                                for row in x], labels=None)
+    state = GlobalAdapter(adapter={}, head={})
+    assert len(data) == n
+    train_local(base, state, 16, data, cfg, seed=0, steps=warmup)  # warm-up (kernels, allocator)
+    reset_peak(device)
+    result = train_local(base, state, 16, data, cfg, seed=1, steps=steps)
+    return {"tokens_per_s": round(result.tokens / result.train_time_s, 1), "peak_mem_gb": peak_gb(device),
+            "loss": round(result.train_loss, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bases", default="bf16,nf4,int8,pruned50")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "gpu_client_step.json")
+    args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for base_name in args.bases.split(","):
+            if args.device == "cpu" and base_name == "bf16":
+                base_name = "fp32"  # CPU matmuls in fp32: the same comparison at the CPU's native width
+            model = build_model(base_name, shape, args.device, dtype, Path(tmp))
+            bare = bare_loop(model, shape, args.device, args.steps, args.warmup, args.lr)
+            ours = fedtune_loop(model, base_name, shape, args.device, args.steps, args.warmup, args.lr)
+            row = {"base": base_name, "tokens_per_s": ours["tokens_per_s"], "bare_tokens_per_s": bare["tokens_per_s"],
+                   "ratio_vs_bare": round(ours["tokens_per_s"] / bare["tokens_per_s"], 3),
+                   "peak_mem_gb": ours["peak_mem_gb"], "bare_peak_mem_gb": bare["peak_mem_gb"],
+                   "params": sum(p.numel() for p in model.parameters())}
+            print(json.dumps(row), flush=True)
+            results.append(row)
+            del model
+            reset_peak(args.device)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    out = {"device": device, "shape": args.shape, "batch": shape["batch"], "seq": shape["seq"], "lora_rank": 16,
+           "steps": args.steps, "warmup": args.warmup, "results": results,
+           "versions": {"torch": torch.__version__, **_versions()},
+           "command": "python simulations/bench/gpu_client_step.py " + " ".join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("transformers", "peft", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -166,6 +166,32 @@ def fedtune_loop(model, base_name: str, shape: dict, device: str, steps: int, wa
             "loss": round(result.train_loss, 4)}
 
 
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, vocab_size=49152, batch=8, seq=512)
+
+
+def capacity(device: str, dtype: torch.dtype, tmp: Path) -> list[dict]:
+    """How many simulation workers fit on this GPU at once: each holds one NF4 base and trains one
+    client at a time (fedtune's trainer, r=16, batch 8 x 512), so a worker needs the base plus one
+    client's training peak. Measured peak per worker -> workers = floor(0.9 x GPU memory / peak)."""
+    rows = []
+    total = torch.cuda.get_device_properties(0).total_memory / 1e9
+    for name, shape in (("smollm2-135m-shape", SMOLLM2), ("llama-1b-shape", {**SHAPES["1b"], "batch": 8, "seq": 512})):
+        sub_tmp = tmp / name
+        sub_tmp.mkdir(exist_ok=True)
+        reset_peak(device)
+        model = build_model("nf4", shape, device, dtype, sub_tmp)
+        base_gb = torch.cuda.memory_allocated() / 1e9
+        fedtune_loop(model, "nf4", shape, device, steps=2, warmup=1, lr=1e-4)
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        rows.append({"model": name, "base_nf4_gb": round(base_gb, 3), "worker_peak_gb": round(peak, 3),
+                     "gpu_memory_gb": round(total, 1), "workers_per_gpu": int(0.9 * total // peak)})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+        reset_peak(device)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -174,6 +200,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--repeats", type=int, default=1, help="alternate bare/fedtune this many times; keep the best")
+    ap.add_argument("--no-capacity", action="store_true", help="skip the workers-per-GPU measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "gpu_client_step.json")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
@@ -184,8 +212,12 @@ def main() -> None:
             if args.device == "cpu" and base_name == "bf16":
                 base_name = "fp32"  # CPU matmuls in fp32: the same comparison at the CPU's native width
             model = build_model(base_name, shape, args.device, dtype, Path(tmp))
-            bare = bare_loop(model, shape, args.device, args.steps, args.warmup, args.lr)
-            ours = fedtune_loop(model, base_name, shape, args.device, args.steps, args.warmup, args.lr)
+            bare = ours = None
+            for _ in range(args.repeats):  # alternate, keep each loop's best: a shared machine's noise
+                b = bare_loop(model, shape, args.device, args.steps, args.warmup, args.lr)
+                o = fedtune_loop(model, base_name, shape, args.device, args.steps, args.warmup, args.lr)
+                bare = b if bare is None or b["tokens_per_s"] > bare["tokens_per_s"] else bare
+                ours = o if ours is None or o["tokens_per_s"] > ours["tokens_per_s"] else ours
             row = {"base": base_name, "tokens_per_s": ours["tokens_per_s"], "bare_tokens_per_s": bare["tokens_per_s"],
                    "ratio_vs_bare": round(ours["tokens_per_s"] / bare["tokens_per_s"], 3),
                    "peak_mem_gb": ours["peak_mem_gb"], "bare_peak_mem_gb": bare["peak_mem_gb"],
@@ -194,9 +226,10 @@ def main() -> None:
             results.append(row)
             del model
             reset_peak(args.device)
+        fit = capacity(args.device, dtype, Path(tmp)) if args.device == "cuda" and not args.no_capacity else None
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     out = {"device": device, "shape": args.shape, "batch": shape["batch"], "seq": shape["seq"], "lora_rank": 16,
-           "steps": args.steps, "warmup": args.warmup, "results": results,
+           "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "results": results, "capacity": fit,
            "versions": {"torch": torch.__version__, **_versions()},
            "command": "python simulations/bench/gpu_client_step.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d")}

@@ -21,9 +21,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.adapters import Factors
-from fedtune.config import ExperimentConfig, config_from_dict
+from fedtune.config import ExperimentConfig, ModelConfig, config_from_dict
 from fedtune.data import cached_federated_data
-from fedtune.models import BaseModel, cached_base_model
+from fedtune.models import cached_base_model
 from fedtune.prune_tune import PruneSpec
 from fedtune.pruning import Masks, masks_from_tensors, masks_to_tensors
 from fedtune.records import factors_to_record, record_to_state
@@ -41,9 +41,15 @@ def _experiment(text: str) -> ExperimentConfig:
     return config_from_dict(tomllib.loads(text))
 
 
+def _model_config(cfg: ExperimentConfig, quantization: str) -> ModelConfig:
+    """The experiment's model with this client's base-weight width (the server's choice)."""
+    return dataclasses.replace(cfg.model, quantization=quantization, quantization_by_device={})
+
+
 @functools.lru_cache(maxsize=64)
-def _client_data(experiment_toml: str, client_id: int, base: BaseModel) -> Tokenized:
+def _client_data(experiment_toml: str, client_id: int, quantization: str) -> Tokenized:
     cfg = _experiment(experiment_toml)
+    base = cached_base_model(_model_config(cfg, quantization), cfg.seed)  # for its tokenizer
     fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
     return tokenize(fed.partition(client_id), base.tokenizer, cfg.model.task, cfg.model.max_length)
 
@@ -124,13 +130,13 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
         LOG.error("client %d: injected crash in round %d", client_id, server_round)
         (on_crash or (lambda: os._exit(3)))()
     quantization = str(config.get("quantization", cfg.model.quantization))
-    model_cfg = dataclasses.replace(cfg.model, quantization=quantization, quantization_by_device={})
+    model_cfg = _model_config(cfg, quantization)
     fraction = float(config.get("gpu-fraction", 0.0))
     if fraction and torch.cuda.is_available():  # this device class's share of the GPU
         torch.cuda.set_per_process_memory_fraction(fraction)
     t_setup = time.perf_counter()
     base = cached_base_model(model_cfg, cfg.seed)
-    data = _client_data(experiment_toml, client_id, base)
+    data = _client_data(experiment_toml, client_id, quantization)
     setup_s = time.perf_counter() - t_setup
     train_state = record_to_state(content["arrays"])
     seed = cfg.seed * 1_000_003 + server_round * 10_007 + client_id
@@ -159,7 +165,7 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     if fault == "hang":
         time.sleep(cfg.faults.hang_s)
     reply = RecordDict({"arrays": factors_to_record(factors, result.head), "metrics": metrics,
-                        "info": ConfigRecord({"worker": _worker_name()})})
+                        "info": ConfigRecord({"worker": _worker_name(), "quantization": quantization})})
     if result.masks is not None:
         save_prune_state(state, result.masks, result.scores)
         reply["masks"] = ArrayRecord(masks_to_tensors(result.masks))

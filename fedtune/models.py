@@ -185,11 +185,19 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
             extra["device_map"] = {"": torch.cuda.current_device()}
     torch.manual_seed(seed)  # a freshly initialised task head is the same in every process
     if name in ("tiny-bert", "tiny-llama"):
-        if qcfg is not None:
-            raise ConfigError(f"model.quantization: {cfg.quantization!r} needs a pretrained checkpoint, not {name!r}")
         tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
         config = _tiny_config(name, cfg, len(tokenizer))
         model = task_cls.from_config(config, dtype=getattr(torch, cfg.dtype))
+        if qcfg is not None:  # bitsandbytes quantizes while loading a checkpoint: write the seeded one first
+            ckpt = cache_root() / "tiny" / f"{name}-{cfg.task}-{cfg.num_labels}-{cfg.max_length}-{seed}"
+            if not (ckpt / "config.json").is_file():  # written aside, then renamed: workers may race
+                tmp = ckpt.with_name(f"{ckpt.name}.tmp{os.getpid()}")
+                model.save_pretrained(str(tmp))
+                try:
+                    tmp.rename(ckpt)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            model = task_cls.from_pretrained(str(ckpt), dtype=torch.float32, **extra)
     else:
         if name == "minilm":
             if cfg.task != "classification":

@@ -347,7 +347,10 @@ class LoraStrategy(Strategy):
                 if math.isfinite(value):
                     rec[key.replace("-", "_")] = round(value, 3)
             if "info" in reply.content.config_records:
-                rec["worker"] = str(reply.content["info"].get("worker", ""))
+                info = reply.content["info"]
+                rec["worker"] = str(info.get("worker", ""))
+                if str(info.get("quantization", "none")) != "none":
+                    rec["quantization"] = str(info["quantization"])
             if self.fleet is not None and not self._simulate_cost(server_round, node, update, rec, reply):
                 records.append(rec)
                 continue

@@ -1,0 +1,45 @@
+"""The client's work for one train message, in-process (what a Ray actor or a node's worker runs)."""
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from clients.local import PRUNE_STATE, handle_train
+from fedtune.config import config_from_dict, config_to_toml
+from fedtune.models import cached_base_model
+from fedtune.records import record_to_factors, state_to_record
+from fedtune.training import head_state, lora_shapes
+from strategies import HetLoRA
+
+
+def message(quantization, prune_ratio=0.3, client_id=1, server_round=1):
+    cfg = config_from_dict({"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]},
+                            "data": {"partitioner": "iid", "eval_size": 32, "max_examples": 200},
+                            "train": {"local_steps": 4, "batch_size": 8}, "prune": {"interval": 2},
+                            "federation": {"num_clients": 4}})
+    base = cached_base_model(cfg.model, cfg.seed)
+    strat = HetLoRA(cfg)
+    state = strat.initial_state(lora_shapes(base, cfg), head_state(base))
+    payload = strat.client_payload(state, client_id, 2)
+    config = ConfigRecord({"experiment": config_to_toml(cfg), "server-round": server_round, "client-id": client_id,
+                           "rank": 2, "train-a": True, "prune-ratio": prune_ratio, "quantization": quantization})
+    return RecordDict({"arrays": state_to_record(payload), "config": config})
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
+def test_handle_train_on_the_base_width_the_server_chose(quantization):
+    node_state = RecordDict()
+    reply = handle_train(message(quantization), {}, node_state, client_id=1)
+    factors, head = record_to_factors(reply["arrays"])
+    assert factors and all(a.shape[0] == 2 and torch.isfinite(b).all() for a, b in factors.values())
+    assert reply["info"]["quantization"] == quantization
+    metrics = reply["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["steps"] == 4 and 0 < metrics["prune-ratio"] <= 0.3
+    assert PRUNE_STATE in node_state.array_records  # masks persist in the node's state for the next round
+    again = handle_train(message(quantization, server_round=2), {}, node_state, client_id=1)
+    assert again["metrics"]["setup-s"] < 0.5  # base model and partition were cached in this process
+
+
+def test_handle_train_refuses_a_message_for_another_client():
+    with pytest.raises(ValueError, match="message addressed to client 1, this node is 3"):
+        handle_train(message("none"), {}, RecordDict(), client_id=3)

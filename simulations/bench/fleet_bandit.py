@@ -103,11 +103,17 @@ def main() -> None:
             "wall_s": round(time.time() - t0, 1),
         }
         print(method, json.dumps(results[method]), flush=True)
+        write(args, results, complete=False)  # partial results survive an interrupted run
+    print(json.dumps(write(args, results, complete=True), indent=2))
+
+
+def write(args: argparse.Namespace, results: dict, complete: bool) -> dict:
     statics = [results[m]["time_to_target_s"] for m in results if m.startswith("static")]
     statics = [t for t in statics if t is not None]
     sucb = results.get("s-ucb", {}).get("time_to_target_s")
     out = {
         "speedup_vs_best_static": round(min(statics) / sucb, 3) if statics and sucb else None,
+        "complete": complete,
         "target_accuracy": args.target_accuracy, "target_sparsity": args.target_sparsity,
         "fleet_size": sum(experiment(args, "s-ucb")["fleet"]["devices"].values()),
         "scale": args.scale, "rounds": args.rounds, "fraction": args.fraction, "local_steps": args.local_steps,
@@ -118,7 +124,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

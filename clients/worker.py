@@ -55,9 +55,20 @@ def worker_dir() -> Path:
 
 
 def socket_path(node_id: int) -> Path:
-    """One worker per node and app version (Flower installs each app version in its own directory)."""
+    """One worker per node and app version (Flower installs each app version in its own directory).
+    Its pid file, log and lock sit beside it; a Unix socket path must stay under 108 bytes, so a
+    socket whose path would be longer lives in a short private directory under the temp dir."""
     version = hashlib.sha1(str(APP_ROOT).encode()).hexdigest()[:8]
     return worker_dir() / f"node-{node_id}-{version}.sock"
+
+
+def _bind_path(path: Path) -> Path:
+    if len(str(path)) < 100:
+        return path
+    short = Path(tempfile.gettempdir()) / f"fedtune-w-{os.getuid()}"
+    short.mkdir(exist_ok=True, mode=0o700)
+    os.chmod(short, 0o700)
+    return short / (hashlib.sha1(str(path).encode()).hexdigest()[:20] + ".sock")
 
 
 # ----------------------------------------------------------------------------- framing
@@ -104,7 +115,7 @@ def _decode(data: bytes) -> RecordDict:
 def _connect(path: Path) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(path))
+        sock.connect(str(_bind_path(path)))
         return sock
     except OSError:
         sock.close()
@@ -131,7 +142,7 @@ def _start_worker(path: Path, idle_timeout: float, wait_s: float) -> socket.sock
             if sock is not None:
                 return sock
             time.sleep(0.1)
-        raise WorkerUnavailable(f"worker did not open {path} within {wait_s:.0f}s")
+        raise WorkerUnavailable(f"worker did not open {_bind_path(path)} within {wait_s:.0f}s")
 
 
 def request_train(content: RecordDict, node_config: dict[str, Any], state: RecordDict, client_id: int, node_id: int,
@@ -171,18 +182,23 @@ def _raise_crash() -> None:
 
 
 def serve(path: Path, idle_timeout: float) -> None:
+    import signal
+
     import clients.local as local  # the heavy imports happen once, here
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped: remove the socket on the way out
 
     pid_file = path.with_suffix(".pid")
     pid_file.write_text(str(os.getpid()))
+    bound = _bind_path(path)
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        bound.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    os.chmod(path, 0o600)
+    server.bind(str(bound))
+    os.chmod(bound, 0o600)
     server.listen(8)
     server.settimeout(idle_timeout)
-    print(f"[fedtune] worker {os.getpid()} serving {path}", flush=True)
+    print(f"[fedtune] worker {os.getpid()} serving {bound}", flush=True)
     try:
         while True:
             try:
@@ -209,7 +225,7 @@ def serve(path: Path, idle_timeout: float) -> None:
     finally:
         server.close()
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            bound.unlink()
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
 

@@ -43,3 +43,27 @@ def test_handle_train_on_the_base_width_the_server_chose(quantization):
 def test_handle_train_refuses_a_message_for_another_client():
     with pytest.raises(ValueError, match="message addressed to client 1, this node is 3"):
         handle_train(message("none"), {}, RecordDict(), client_id=3)
+
+
+def test_a_nodes_persistent_worker_keeps_the_model_loaded(tmp_path, monkeypatch):
+    """clients/worker.py: the light ClientApp's path. The worker starts on first use (even under
+    a directory too long for a Unix socket path), keeps the base model and data across messages,
+    returns the node state, and reports a training failure naming its cause."""
+    import os
+    import signal
+
+    from clients.worker import WorkerError, request_train, socket_path
+
+    monkeypatch.setenv("FEDTUNE_WORKER_DIR", str(tmp_path / ("w" * 80)))
+    state = RecordDict()
+    try:
+        first = request_train(message("none"), {}, state, client_id=1, node_id=42)
+        second = request_train(message("none", server_round=2), {}, state, client_id=1, node_id=42)
+        assert first["metrics"]["steps"] == 4 and PRUNE_STATE in state.array_records
+        assert second["metrics"]["setup-s"] < 0.5  # the worker kept model and partition in memory
+        with pytest.raises(WorkerError, match="ValueError: message addressed to client 1, this node is 3"):
+            request_train(message("none"), {}, RecordDict(), client_id=3, node_id=42)
+    finally:
+        pid_file = socket_path(42).with_suffix(".pid")
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)

@@ -20,3 +20,21 @@ def rand_factors(gen: torch.Generator, rank: int, out_f: int = 12, in_f: int = 1
     a = torch.randn(rank, in_f, generator=gen, dtype=torch.float64)
     b = torch.randn(out_f, rank, generator=gen, dtype=torch.float64)
     return a, b
+
+
+def masked_logits(base, state, rank, cfg, masks, ids):
+    """Logits of ``base`` with ``state``'s adapter at ``rank`` and ``masks`` applied (no slicing):
+    what an exported pruned model must reproduce."""
+    from fedtune.pruning import apply_masks, model_structure
+    from fedtune.training import _prepare, _release, head_state
+
+    own = head_state(base)
+    peft_model, handles = _prepare(base, state, rank, cfg)
+    mask_handles = apply_masks(peft_model.base_model.model, model_structure(base.model), masks)
+    try:
+        with torch.no_grad():
+            return peft_model(input_ids=ids).logits
+    finally:
+        for h in mask_handles:
+            h.remove()
+        _release(peft_model, base, handles, own)

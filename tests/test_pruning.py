@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedtune.config import config_from_dict
+from tests.conftest import masked_logits
 from fedtune.models import load_base_model
 from fedtune.prune_tune import PruneSpec
 from fedtune.pruning import (
@@ -151,7 +152,7 @@ def test_exported_client_model_equals_the_masked_model(name, tmp_path):
     from fedtune.adapters import GlobalAdapter
     from fedtune.export import export_pruned_model, load_pruned_model
     from fedtune.models import cached_base_model
-    from fedtune.training import _prepare, _release, head_state, lora_shapes
+    from fedtune.training import head_state, lora_shapes
 
     task = "classification" if name == "tiny-bert" else "causal-lm"
     cfg = config_from_dict({"model": {"name": name, "task": task, "max_length": 32}, "lora": {"ranks": [4]},
@@ -166,17 +167,7 @@ def test_exported_client_model_equals_the_masked_model(name, tmp_path):
     masks = prune_step(full_masks(s), {ls.layer: {"attn": torch.rand(ls.num_units, generator=gen),
                                                   "ffn": torch.rand(ls.ffn_dim, generator=gen)} for ls in s}, 0.5)
     ids = torch.randint(5, 1000, (2, 10), generator=gen)
-    own = head_state(base)
-    peft_model, handles = _prepare(base, state, 4, cfg)
-    inner = peft_model.base_model.model
-    mask_handles = apply_masks(inner, s, masks)
-    try:
-        with torch.no_grad():
-            expected = peft_model(input_ids=ids).logits
-    finally:
-        for h in mask_handles:
-            h.remove()
-        _release(peft_model, base, handles, own)
+    expected = masked_logits(base, state, 4, cfg, masks, ids)
     info = export_pruned_model(state, masks, cfg, tmp_path / "model")
     model = load_pruned_model(tmp_path / "model")
     with torch.no_grad():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fedtune.config import ConfigError, config_from_dict, load_config
-from fedtune.pruning import apply_masks, full_masks, model_structure, prune_step
+from fedtune.pruning import full_masks, model_structure, prune_step
+from tests.conftest import masked_logits
 
 FLEET = {"federation": {"num_clients": 3}, "fleet": {"devices": {"jetson-tx2": 1, "jetson-xavier-nx": 1,
                                                                  "jetson-agx-xavier": 1}}}
@@ -110,7 +111,7 @@ def test_lora_guided_pruning_and_export_over_an_nf4_base(tmp_path):
     from fedtune.export import export_pruned_model, load_pruned_model
     from fedtune.models import cached_base_model
     from fedtune.prune_tune import PruneSpec
-    from fedtune.training import Tokenized, _prepare, _release, head_state, train_local
+    from fedtune.training import Tokenized, head_state, train_local
 
     cfg = _nf4(prune={"ratio": 0.5, "interval": 2})
     base = cached_base_model(cfg.model, cfg.seed)
@@ -123,16 +124,7 @@ def test_lora_guided_pruning_and_export_over_an_nf4_base(tmp_path):
     s = model_structure(base.model)
     state = GlobalAdapter(adapter=result.factors, head=result.head)
     ids = torch.tensor([data.input_ids[0]])
-    own = head_state(base)
-    peft_model, handles = _prepare(base, state, 4, cfg)
-    mask_handles = apply_masks(peft_model.base_model.model, s, result.masks)
-    try:
-        with torch.no_grad():
-            expected = peft_model(input_ids=ids).logits
-    finally:
-        for h in mask_handles:
-            h.remove()
-        _release(peft_model, base, handles, own)
+    expected = masked_logits(base, state, 4, cfg, result.masks, ids)
     info = export_pruned_model(state, result.masks, cfg, tmp_path / "model")
     model = load_pruned_model(tmp_path / "model")
     assert not any("4bit" in type(m).__name__ for m in model.modules())

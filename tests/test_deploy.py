@@ -119,9 +119,12 @@ def test_fedtune_deploy_three_supernodes_with_tls_survives_a_crashing_client(tmp
     assert [c["status"] for c in records[2]["clients"]] == ["ok"] * 3
     assert {c["device"] for c in records[2]["clients"]} == {"jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier"}
     assert (out / "adapter" / "adapter_config.json").is_file()
-    # each node's persistent worker kept the model and data loaded: no setup in round 2, and the
-    # fresh ClientApp process Flower starts per message reported its age
-    assert all(c["setup_s"] < 0.05 and c["process_s"] > 0 for c in records[2]["clients"]), records[2]["clients"]
+    # each node's persistent worker kept the model and data loaded: no setup in round 2 for the
+    # clients that trained in round 1 (client 2 crashed before loading anything), and the fresh
+    # ClientApp process Flower starts per message reported its age
+    second = {c["client_id"]: c for c in records[2]["clients"]}
+    assert second[0]["setup_s"] < 0.05 and second[1]["setup_s"] < 0.05, second
+    assert all(c["process_s"] > 0 for c in second.values())
     logs = out / "deployment" / "logs"
     assert (logs / "superlink.log").is_file() and len(list(logs.glob("supernode-*.log"))) == 3
     secrets = [p.read_text() for p in (out / "deployment" / "keys").glob("supernode-?")]

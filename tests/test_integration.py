@@ -242,7 +242,24 @@ def test_simulation_attaches_to_a_two_node_ray_cluster(tmp_path):
         assert all(c["status"] == "ok" for c in last["clients"])
         assert len({c["worker"] for c in last["clients"]}) == 2  # both nodes ran clients
     finally:
-        subprocess.run([f"{bindir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_under("/tmp/fedtune-ray-cl")
+
+
+def _stop_ray_under(temp_dir):
+    """Stop this test's cluster only (`ray stop` would stop every Ray on the machine): its
+    processes name their session directory under ``temp_dir`` on their command lines."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in p.info["cmdline"] or []):
+            procs.append(p)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def _peft_eval_loss(out):

@@ -17,6 +17,9 @@ one JSON object and writes it to ``--out``.
     python simulations/bench/gpu_client_step.py                                  # the GPU run (< 5 min)
     python simulations/bench/gpu_client_step.py --shape small --device cpu \\
         --out simulations/results/gpu_client_step_cpu.json                       # the CPU side, small shape
+
+``FEDTUNE_BENCH_CHUNK`` sets fedtune's ``train.loss_chunk_tokens`` (default 1024; the fused
+chunked cross-entropy runs when a batch holds more tokens than one chunk, as 8 x 1024 does).
 """
 
 from __future__ import annotations

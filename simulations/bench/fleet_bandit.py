@@ -57,6 +57,32 @@ def experiment(args: argparse.Namespace, method: str) -> dict:
     }
 
 
+TARGETS = (0.6, 0.65, 0.7, 0.75)
+
+
+def summarize(run_dir: Path, target: float) -> dict:
+    from fedtune.clock import time_to_target
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_sparsity: dict[int, float] = {}
+    for rec in records:
+        for c in rec["clients"]:
+            if c["status"] == "ok":
+                last_sparsity[c["client_id"]] = c.get("prune_ratio", 0.0)
+    return {
+        "time_to_target_s": time_to_target(records, target),
+        "time_to_targets_s": {str(a): time_to_target(records, a) for a in TARGETS},
+        "accuracy_by_round": [r.get("eval_accuracy") for r in records],
+        "final_accuracy": records[-1].get("eval_accuracy"),
+        "best_accuracy": max(r.get("eval_accuracy") or 0 for r in records),
+        "sim_time_s": records[-1].get("sim_time_s"),
+        "mean_final_sparsity": round(sum(last_sparsity.values()) / max(len(last_sparsity), 1), 4),
+        "clients_seen": len(last_sparsity),
+        "failed_client_rounds": sum(c["status"] != "ok" for r in records for c in r["clients"]),
+        "run_dir": str(run_dir.relative_to(ROOT)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 80-device fleet")
@@ -67,57 +93,56 @@ def main() -> None:
     ap.add_argument("--target-sparsity", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--from-runs", metavar="STAMP", help="only summarize runs/bench-fleet-<method>-STAMP")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fleet_bandit.json")
     args = ap.parse_args()
 
-    from fedtune.clock import time_to_target
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.from_runs or time.strftime("%Y%m%d-%H%M%S")
     results: dict = {}
     for method in args.methods.split(","):
         run_dir = ROOT / "runs" / f"bench-fleet-{method}-{stamp}"
-        run_dir.mkdir(parents=True)
-        cfg_path = run_dir.with_suffix(".toml")
-        cfg_path.write_text(tomli_w.dumps(experiment(args, method)))
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--config", str(cfg_path), "--out",
-                               str(run_dir)], cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        last_sparsity: dict[int, float] = {}
-        for rec in records:
-            for c in rec["clients"]:
-                if c["status"] == "ok":
-                    last_sparsity[c["client_id"]] = c.get("prune_ratio", 0.0)
-        ttt = time_to_target(records, args.target_accuracy)
-        results[method] = {
-            "time_to_target_s": ttt,
-            "time_to_other_targets_s": {str(a): time_to_target(records, a) for a in (0.6, 0.7, 0.75)},
-            "final_accuracy": records[-1].get("eval_accuracy"),
-            "best_accuracy": max(r.get("eval_accuracy") or 0 for r in records),
-            "sim_time_s": records[-1].get("sim_time_s"),
-            "mean_final_sparsity": round(sum(last_sparsity.values()) / max(len(last_sparsity), 1), 4),
-            "clients_seen": len(last_sparsity),
-            "failed_client_rounds": sum(c["status"] != "ok" for r in records for c in r["clients"]),
-            "wall_s": round(time.time() - t0, 1),
-        }
+        if not args.from_runs:
+            run_dir.mkdir(parents=True)
+            cfg_path = run_dir.with_suffix(".toml")
+            cfg_path.write_text(tomli_w.dumps(experiment(args, method)))
+            proc = subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--config", str(cfg_path), "--out",
+                                   str(run_dir)], cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        results[method] = {**summarize(run_dir, args.target_accuracy), "wall_s": round(time.time() - t0, 1)}
         print(method, json.dumps(results[method]), flush=True)
         write(args, results, complete=False)  # partial results survive an interrupted run
     print(json.dumps(write(args, results, complete=True), indent=2))
 
 
+def speedup(results: dict, target: str) -> tuple[float | None, float | None]:
+    """(S-UCB's speedup over the fastest static baseline at ``target``, or a lower bound on it when no
+    static baseline reached the target within its run: its whole simulated time / S-UCB's time)."""
+    sucb = results.get("s-ucb", {}).get("time_to_targets_s", {}).get(target)
+    statics = [m for m in results if m.startswith("static")]
+    if not sucb or not statics:
+        return None, None
+    reached = [results[m]["time_to_targets_s"][target] for m in statics]
+    reached = [t for t in reached if t is not None]
+    if reached:
+        return round(min(reached) / sucb, 3), None
+    return None, round(min(results[m]["sim_time_s"] for m in statics) / sucb, 3)
+
+
 def write(args: argparse.Namespace, results: dict, complete: bool) -> dict:
-    statics = [results[m]["time_to_target_s"] for m in results if m.startswith("static")]
-    statics = [t for t in statics if t is not None]
-    sucb = results.get("s-ucb", {}).get("time_to_target_s")
+    value, bound = speedup(results, str(args.target_accuracy))
+    sparsity = [r["mean_final_sparsity"] for r in results.values()]
     out = {
-        "speedup_vs_best_static": round(min(statics) / sucb, 3) if statics and sucb else None,
+        "speedup_vs_best_static": value,
+        "speedup_vs_best_static_lower_bound": bound,
+        "speedup_by_target": {t: dict(zip(("value", "lower_bound"), speedup(results, t))) for t in map(str, TARGETS)},
+        "sparsity_spread": round(max(sparsity) - min(sparsity), 4) if sparsity else None,
         "complete": complete,
         "target_accuracy": args.target_accuracy, "target_sparsity": args.target_sparsity,
         "fleet_size": sum(experiment(args, "s-ucb")["fleet"]["devices"].values()),
         "scale": args.scale, "rounds": args.rounds, "fraction": args.fraction, "local_steps": args.local_steps,
-        "methods": results,
+        "seed": args.seed, "methods": results,
         "command": "python simulations/bench/fleet_bandit.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),

@@ -99,6 +99,7 @@ def main() -> None:
 
     stamp = args.from_runs or time.strftime("%Y%m%d-%H%M%S")
     results: dict = {}
+    earlier = json.loads(args.out.read_text()).get("methods", {}) if args.from_runs and args.out.is_file() else {}
     for method in args.methods.split(","):
         run_dir = ROOT / "runs" / f"bench-fleet-{method}-{stamp}"
         t0 = time.time()
@@ -110,7 +111,8 @@ def main() -> None:
                                    str(run_dir)], cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        results[method] = {**summarize(run_dir, args.target_accuracy), "wall_s": round(time.time() - t0, 1)}
+        wall = earlier.get(method, {}).get("wall_s") if args.from_runs else round(time.time() - t0, 1)
+        results[method] = {**summarize(run_dir, args.target_accuracy), "wall_s": wall}
         print(method, json.dumps(results[method]), flush=True)
         write(args, results, complete=False)  # partial results survive an interrupted run
     print(json.dumps(write(args, results, complete=True), indent=2))

@@ -13,6 +13,8 @@ pruning ratio and LoRA rank to assign; its S-UCB formula is not public, so
 - a client picks the cell maximising ``S_c / N_c + c_explore * sqrt(log(sum N) / N_c)``
   (unpulled cells first, in a seeded order) and plays the cell's midpoint ratio.
   A split cell's children inherit half of its statistics each.
+- within a round, assignments not yet rewarded count as pulls at the cell's mean (batched UCB),
+  so the clients of one round that share a learner do not all get the same arm;
 - ``pool = "speed"`` (S-UCB's default here): FedSpine runs a learner per device, which needs
   many pulls per device; with 80 devices and a tenth sampled per round a device is seen a few
   times in a whole run. So clients share one learner per *speed tier*, learned from outcomes
@@ -308,6 +310,8 @@ class AdaptiveUCB(_PerClient):
         self.speed: dict[int, float] = {}  # client -> EMA of log2(seconds / reference)
         self.reference: float | None = None  # the first round median observed
         self.round = 0  # the latest round assigned; statistics decay by gamma per round
+        self._pending: dict[tuple[Any, int, float], float] = {}  # this round's unrewarded assignments
+        self._pending_round = -1
         if not ranks:
             raise ValueError("a bandit needs at least one rank")
         lo, hi = ratio_range
@@ -352,18 +356,35 @@ class AdaptiveUCB(_PerClient):
         self.speed[client_id] = x if prev is None else self.speed_ema * prev + (1 - self.speed_ema) * x
 
     def _pick(self, client_id: int) -> list[Any]:
+        """UCB over the learner's cells, counting this round's assignments not yet rewarded as
+        pulls at the cell's current mean ("pending pulls", batched UCB): clients sharing a pooled
+        learner within one round spread over the cells instead of all getting the same arm."""
         key = self.key(client_id)
         cells = self.learner(key)["cells"]
         rng = self.rng(key)
-        untried = [c for c in cells if c[3] < 1e-9]
+
+        def pending(c: list[Any]) -> float:
+            return self._pending.get((key, c[2], c[0]), 0.0)
+
+        untried = [c for c in cells if c[3] + pending(c) < 1e-9]
         if untried:
             return rng.choice(untried)
-        total = sum(c[3] for c in cells)
-        return max(cells, key=lambda c: c[4] / c[3] + self.c * math.sqrt(math.log(max(total, 1.0 + 1e-9)) / c[3]))
+        total = sum(c[3] + pending(c) for c in cells)
+
+        def score(c: list[Any]) -> float:
+            n = c[3] + pending(c)
+            mean = c[4] / c[3] if c[3] > 1e-9 else 0.5  # a cell only pending: an uninformed mean
+            return mean + self.c * math.sqrt(math.log(max(total, 1.0 + 1e-9)) / n)
+
+        return max(cells, key=score)
 
     def assign(self, client_id: int, server_round: int) -> Arm:
+        if int(server_round) != self._pending_round:  # a new round: last round's pulls were rewarded
+            self._pending, self._pending_round = {}, int(server_round)
         self.round = max(self.round, int(server_round))
         cell = self._pick(client_id)
+        slot = (self.key(client_id), cell[2], cell[0])
+        self._pending[slot] = self._pending.get(slot, 0.0) + 1.0
         return Arm(round((cell[0] + cell[1]) / 2, 4), int(cell[2]))  # the cell's midpoint
 
     def update(self, client_id: int, arm: Arm, reward: float) -> None:

@@ -207,3 +207,15 @@ def test_fedspine_static_arms_by_device_class_and_step_mode():
     base["policy"]["args"] = {"arms": {"jetson-tx2": [0.2, 4]}}
     with pytest.raises(ConfigError, match="no arm for device class 'jetson-agx-xavier'"):
         FedSpine(config_from_dict(base))
+
+
+def test_clients_sharing_a_learner_in_one_round_get_different_arms():
+    """Batched UCB: the 8 new clients of a round share S-UCB's 'new' learner; pending pulls spread
+    them over its untried cells instead of giving all eight the same arm."""
+    policy = SUCB([4, 8, 16], (0.0, 0.6), seed=7)
+    arms = [policy.assign(c, 1) for c in range(8)]
+    assert len(set(arms)) == 6  # 3 ranks x 2 initial cells, each tried before any is repeated
+    for c, arm in enumerate(arms):
+        policy.update(c, arm, 0.5)
+    again = [policy.assign(c, 2) for c in range(8, 16)]
+    assert len(set(again)) > 1

@@ -93,15 +93,21 @@ def main() -> None:
     ap.add_argument("--target-sparsity", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--from-runs", metavar="STAMP", help="only summarize runs/bench-fleet-<method>-STAMP")
+    ap.add_argument("--from-runs", metavar="STAMP",
+                    help="only summarize runs/bench-fleet-<method>-STAMP (or METHOD=STAMP,... per method)")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fleet_bandit.json")
     args = ap.parse_args()
 
-    stamp = args.from_runs or time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamps = {m: stamp for m in args.methods.split(",")}
+    if args.from_runs and "=" in args.from_runs:
+        stamps = dict(part.split("=", 1) for part in args.from_runs.split(","))
+    elif args.from_runs:
+        stamps = {m: args.from_runs for m in stamps}
     results: dict = {}
     earlier = json.loads(args.out.read_text()).get("methods", {}) if args.from_runs and args.out.is_file() else {}
-    for method in args.methods.split(","):
-        run_dir = ROOT / "runs" / f"bench-fleet-{method}-{stamp}"
+    for method in stamps:
+        run_dir = ROOT / "runs" / f"bench-fleet-{method}-{stamps[method]}"
         t0 = time.time()
         if not args.from_runs:
             run_dir.mkdir(parents=True)

@@ -326,6 +326,8 @@ def test_fault_matrix_bad_updates_never_reach_the_global_adapter(tmp_path):
         assert clients[cid]["status"] == status and reason in clients[cid]["reason"], clients[cid]
         if status == "rejected":  # the server's log names the client and the reason
             assert f"rejected update of client {cid}: {clients[cid]['reason'][:30]}" in log
+    assert "round 1: client 1 failed: client 1: RuntimeError: injected fault in round 1" in log
+    assert "round 1: client 2 sent no reply within the round timeout (40s); dropped" in log
     raising = [x for k in FAULTS for x in ("--set", f'faults.clients.{k}="raise"')]
     proc = run_cli("simulate", "--config", str(SMOKE), "--out", str(clean), *common, *raising)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--work-dir", type=Path, help="certificates, keys, state and logs (default: <out>/deployment)")
     dep.add_argument("--insecure", action="store_true", help="no TLS (only for trying things on one machine)")
     dep.add_argument("--no-auth", action="store_true", help="admit any SuperNode (no registration)")
+    dep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     dep.add_argument("--no-worker", action="store_true",
                      help="train in Flower's per-message ClientApp processes (no persistent worker per node)")
 
@@ -131,8 +132,11 @@ def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
                                   min_clients=min(cfg.federation.min_clients, args.nodes))
         cfg = dataclasses.replace(cfg, federation=fed)
     out = args.out or Path("runs") / f"{cfg.name}-deploy-{time.strftime('%Y%m%d-%H%M%S')}"
-    status, _ = deploy(cfg, out, args.work_dir or out / "deployment", tls=not args.insecure, auth=not args.no_auth,
-                       worker=not args.no_worker)
+    if args.resume and not (out / "checkpoint" / "meta.json").is_file():
+        raise ConfigError(f"--resume: no checkpoint in {out}")
+    work_dir = args.work_dir or out / ("deployment-resumed" if args.resume else "deployment")
+    status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth, worker=not args.no_worker,
+                       resume=args.resume)
     return 0 if status == "finished:completed" else 1
 
 

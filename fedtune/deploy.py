@@ -300,7 +300,7 @@ def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:
 
 
 def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool = True, worker: bool = True,
-           timeout: float = 3600, say: Any = print) -> tuple[str, LocalDeployment]:
+           resume: bool = False, timeout: float = 3600, say: Any = print) -> tuple[str, LocalDeployment]:
     """Start the topology, run ``cfg`` on it, stream its progress, stop everything; returns the run status."""
     from fedtune.config import config_to_toml
     from fedtune.report import format_progress
@@ -315,13 +315,14 @@ def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool 
         f" {'persistent' if worker else 'per-message'} client workers); logs in {dep.logs}")
     with dep:
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                      {"experiment": str(experiment), "out-dir": str(out.resolve())}.items())
+                      {"experiment": str(experiment), "out-dir": str(out.resolve()), "resume": resume}.items())
         proc = dep.flwr("run", str(APP_DIR), dep.connection, "--run-config", rc, "--format", "json")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
         run_id = int(json.loads(proc.stdout)["run-id"])
         say(f"[fedtune] run {run_id} submitted; outputs in {out}")
-        metrics, shown, status = out / "metrics.jsonl", 0, "unknown"
+        metrics, status = out / "metrics.jsonl", "unknown"
+        shown = len(metrics.read_text().splitlines()) if resume and metrics.is_file() else 0
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = dep.status(run_id)

@@ -132,3 +132,11 @@ def test_fedtune_deploy_three_supernodes_with_tls_survives_a_crashing_client(tmp
     for log in logs.glob("*.log"):  # no private key ever reaches a log
         text = log.read_text(errors="replace")
         assert not any(s.strip().splitlines()[1] in text for s in secrets)
+    # a stopped server resumes in deployment too: a fresh deployment continues the run to round 3
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune", "deploy", "--config", str(ROOT / "simulations" / "deploy.toml"),
+         "--out", str(out), "--resume", "--set", "federation.num_rounds=3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    assert json.loads((out / "checkpoint" / "meta.json").read_text())["round"] == 3

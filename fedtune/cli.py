@@ -135,8 +135,12 @@ def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     if args.resume and not (out / "checkpoint" / "meta.json").is_file():
         raise ConfigError(f"--resume: no checkpoint in {out}")
     work_dir = args.work_dir or out / ("deployment-resumed" if args.resume else "deployment")
-    status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth, worker=not args.no_worker,
-                       resume=args.resume)
+    try:
+        status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth,
+                           worker=not args.no_worker, resume=args.resume)
+    except RuntimeError as exc:  # a process that did not start, a refused registration, a failed flwr run
+        print(f"fedtune: error: {exc} (logs in {work_dir / 'logs'})", file=sys.stderr)
+        return 1
     return 0 if status == "finished:completed" else 1
 
 

@@ -19,7 +19,6 @@ import datetime
 import ipaddress
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -238,19 +237,13 @@ class LocalDeployment:
             self.start_supernode(f"supernode-{i}", spec)
         return self
 
-    def submit(self, run_config: dict[str, Any], timeout: float = 900) -> int:
-        """``flwr run`` the app; returns the run id once the run ends (or ``timeout`` passes)."""
+    def start_run(self, run_config: dict[str, Any]) -> int:
+        """``flwr run`` the app with ``run_config``; returns the run id (the run goes on in the SuperLink)."""
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         proc = self.flwr("run", str(APP_DIR), self.connection, "--run-config", rc, "--format", "json")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
-        run_id = int(json.loads(proc.stdout)["run-id"])
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.status(run_id).startswith("finished"):
-                break
-            time.sleep(2.0)
-        return run_id
+        return int(json.loads(proc.stdout)["run-id"])
 
     def status(self, run_id: int) -> str:
         proc = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
@@ -289,10 +282,6 @@ class LocalDeployment:
         return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def command_line(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)
-
-
 def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:
     """One SuperNode per client: partition i of ``nodes``, device class from the fleet mix if any."""
     devices = [name for name, count in cfg.fleet.devices.items() for _ in range(count)]
@@ -314,12 +303,7 @@ def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool 
         f" (TLS {'on' if tls else 'off'}, SuperNode auth {'on' if auth else 'off'},"
         f" {'persistent' if worker else 'per-message'} client workers); logs in {dep.logs}")
     with dep:
-        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                      {"experiment": str(experiment), "out-dir": str(out.resolve()), "resume": resume}.items())
-        proc = dep.flwr("run", str(APP_DIR), dep.connection, "--run-config", rc, "--format", "json")
-        if proc.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
-        run_id = int(json.loads(proc.stdout)["run-id"])
+        run_id = dep.start_run({"experiment": str(experiment), "out-dir": str(out.resolve()), "resume": resume})
         say(f"[fedtune] run {run_id} submitted; outputs in {out}")
         metrics, status = out / "metrics.jsonl", "unknown"
         shown = len(metrics.read_text().splitlines()) if resume and metrics.is_file() else 0

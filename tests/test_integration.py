@@ -9,6 +9,7 @@ import tomllib
 import pytest
 import torch
 
+from fedtune.deploy import flwr_env, free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -122,27 +123,18 @@ def test_a_stopped_server_resumes_from_its_checkpoint(tmp_path):
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_flwr_run_against_a_simulation_superlink(tmp_path):
     """The repository is a Flower app: `flwr run .` on a local simulation SuperLink."""
     import signal
     import time
 
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr"
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local-sim"\n\n[superlink.local-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}:{os.environ['PATH']}",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_TMPDIR": "/tmp/fedtune-ray-flwr"}
+    env = flwr_env(home, {"RAY_TMPDIR": "/tmp/fedtune-ray-flwr"})
     link = subprocess.Popen(
         [f"{bindir}/flower-superlink", "--insecure", "--simulation", "--disable-runtime-dependency-installation",
          "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
@@ -222,7 +214,7 @@ def test_fedspine_on_a_fleet_smoke(tmp_path):
 
 def test_simulation_attaches_to_a_two_node_ray_cluster(tmp_path):
     """`ray start --head` + `ray start --address` (two nodes of 1 CPU on 127.0.0.1): clients run on both."""
-    port = _free_port()
+    port = free_port()
     bindir = os.path.dirname(sys.executable)
     env = {**os.environ, "RAY_TMPDIR": "/tmp/fedtune-ray-cl", "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]

@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--nodes", type=int, default=3)
     comp.add_argument("--dir", type=Path, default=Path("."), help="where to write the two files")
 
+    rep = sub.add_parser("report", help="compare runs: PNG plots, a markdown table and summary.json")
+    rep.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                     help="run directories, or folders searched for runs (e.g. runs/fedspine/minilm-s30)")
+    rep.add_argument("--out", type=Path, help="output folder (default: <first RUN_DIR>/report)")
+    rep.add_argument("--target", type=float, help="target metric (default: each run's experiment.json, else"
+                                                   " the least good method's mean final value)")
+
     show = sub.add_parser("config", help="print the resolved config after overrides")
     common(show)
     sub.add_parser("strategies", help="list registered strategies")
@@ -95,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                      else [NodeSpec(i, args.nodes) for i in range(args.nodes)])
             for path in write_compose(args.dir, nodes):
                 print(f"[fedtune] wrote {path}")
+            return 0
+        if args.command == "report":
+            from fedtune.compare import report
+
+            out = args.out or args.runs[0] / "report"
+            try:
+                report(args.runs, out, target=args.target, command="fedtune report " + " ".join(map(str, args.runs)))
+            except FileNotFoundError as exc:
+                raise ConfigError(str(exc).removeprefix("fedtune report: ")) from None
+            print(f"[fedtune] wrote {out / 'table.md'}, {out / 'summary.json'} and plots to {out}")
             return 0
         cfg = _load(args)
         if args.command == "config":

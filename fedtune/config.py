@@ -199,6 +199,11 @@ class PruneConfig:
     ema: float = 0.9  # moving-average factor of group importance
     skip_layers: list[int] = field(default_factory=list)  # layer indices that are never pruned
     export_client_models: bool = True  # write runs/<run>/clients/<id>/model at the end
+    # at the end, complete every device that took part to the run's target sparsity (fedspine:
+    # policy.target_sparsity; else the largest prune.ratio) and measure a few deployed models
+    # (accuracy, size, CPU latency) in summary.json["deployment"]; see fedtune/deployed.py
+    deploy_to_target: bool = True
+    deploy_eval_clients: int = 4  # deployed models evaluated (one per device class first); 0 = none
 
     def __post_init__(self) -> None:
         for key, r in [("prune.ratio", self.ratio), *((f"prune.ratio_overrides.{k}", v)
@@ -212,6 +217,8 @@ class PruneConfig:
         _one_of("prune.importance", self.importance, ("lora", "magnitude", "random", "taylor"))
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"prune.ema: must be in [0, 1), got {self.ema}")
+        if self.deploy_eval_clients < 0:
+            raise ConfigError(f"prune.deploy_eval_clients: must be >= 0, got {self.deploy_eval_clients}")
         if any(i < 0 for i in self.skip_layers):
             raise ConfigError(f"prune.skip_layers: layer indices must be >= 0, got {self.skip_layers}")
 
@@ -332,6 +339,15 @@ class ExperimentConfig:
     def prunes(self) -> bool:
         """Whether clients may prune: a static ratio, or the fedspine bandit with ratios above 0."""
         return self.prune.enabled or (self.federation.strategy == "fedspine" and max(self.policy.ratios) > 0)
+
+    @property
+    def deploy_sparsity(self) -> float:
+        """The sparsity every device is completed to before deployment (0 = no completion)."""
+        if not (self.prunes and self.prune.deploy_to_target):
+            return 0.0
+        if self.federation.strategy == "fedspine":
+            return self.policy.target_sparsity
+        return max([self.prune.ratio, *self.prune.ratio_overrides.values()])
 
     def __post_init__(self) -> None:
         n_devices = sum(self.fleet.devices.values())

@@ -116,6 +116,17 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         for cid, masks in sorted(strategy.client_masks.items()):
             payload = strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds))
             client_models[str(cid)] = export_pruned_model(payload, masks, cfg, out_dir / "clients" / str(cid) / "model")
+    deployment = None
+    if cfg.deploy_sparsity > 0 and strategy.client_masks:
+        from fedtune.deployed import deployment_report
+
+        classes = ({cid: strategy.fleet.device(cid).name for cid in strategy.client_masks}
+                   if strategy.fleet is not None else {})
+        deployment = deployment_report(
+            base, cfg, state, strategy.structure, strategy.client_masks, cfg.deploy_sparsity, eval_data,
+            payload_for=lambda cid: strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds)),
+            classes=classes, evaluate=lambda st, masks: evaluate_global(base, st, eval_data, cfg, masks=masks),
+            say=_say)
     records = read_metrics(out_dir / "metrics.jsonl")
     plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.name}: {type(strategy).__name__}")
     summary = summarize(records, {
@@ -123,6 +134,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         "dataset": cfg.data.dataset, "num_clients": cfg.federation.num_clients,
         "adapter_dir": str(adapter_dir), "plot": str(plot) if plot else None,
         **({"client_models": client_models} if client_models else {}),
+        **({"deployment": deployment} if deployment else {}),
     })
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _say(f"done in {summary['wall_time_s']:.1f}s; summary: {out_dir / 'summary.json'}")

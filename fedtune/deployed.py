@@ -1,0 +1,127 @@
+"""What each device would deploy at the end of a run: its pruned model at the common target sparsity.
+
+Methods that prune at different speeds leave devices at different sparsities when training
+stops (a device sampled once with a small pruning step is still half way). To compare
+methods *at equal sparsity*, as FedSpine does, every device that took part is completed to
+the run's target sparsity on the server before deployment: the units its own masks kept
+are ranked by the magnitude of their merged weights ``|W + B A|`` (the global adapter) and
+the lowest are pruned until each layer reaches the target (:func:`complete_masks`; masks
+only grow, so what the device pruned in training stays pruned). The report then measures,
+on a few devices (one per device class first), the held-out accuracy of the deployed
+(masked) model, its parameter count and size once the pruned structures are sliced away,
+and its CPU latency against the dense model, all in the same process.
+
+A method that pruned during training had its adapter adapt to the pruned structure; one
+that did not pays for it here in deployed accuracy. ``summary.json`` keeps both the
+sparsity reached in training (``trained_sparsity``) and after completion.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+import torch
+
+from fedtune.adapters import GlobalAdapter
+from fedtune.pruning import LayerStructure, Masks, float_weight, prune_step, slice_model, unit_scores
+
+__all__ = ["complete_masks", "deployment_report", "pick_clients"]
+
+
+def complete_masks(model: torch.nn.Module, structure: list[LayerStructure], state: GlobalAdapter, masks: Masks,
+                   target: float, skip_layers: frozenset[int] = frozenset()) -> Masks:
+    """``masks`` grown to ``target`` per layer and kind, by merged-weight magnitude."""
+    weights: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for ls in structure:
+            for path in (*ls.attn_in, ls.attn_out, *ls.ffn_in, ls.ffn_out):
+                w = float_weight(model.get_submodule(path)).float().cpu()
+                if path in state.adapter or path in state.frozen:
+                    w = w + state.delta(path).float().cpu()
+                weights[path] = w.abs()
+    return prune_step(masks, unit_scores(structure, weights), target, skip_layers)
+
+
+def pick_clients(client_ids: list[int], classes: dict[int, str], limit: int) -> list[int]:
+    """Up to ``limit`` clients, one of each device class in turn (lowest ids first)."""
+    by_class: dict[str, list[int]] = {}
+    for cid in sorted(client_ids):
+        by_class.setdefault(classes.get(cid, "?"), []).append(cid)
+    out: list[int] = []
+    while len(out) < limit and any(by_class.values()):
+        for name in sorted(by_class):
+            if by_class[name] and len(out) < limit:
+                out.append(by_class[name].pop(0))
+    return out
+
+
+def _latency_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int = 3) -> float:
+    best = float("inf")
+    with torch.inference_mode():
+        model(**batch)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(**batch)
+            best = min(best, time.perf_counter() - t0)
+    return best * 1000.0
+
+
+def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list[LayerStructure],
+                      client_masks: dict[int, Masks], target: float, eval_data: Any,
+                      payload_for: Callable[[int], GlobalAdapter], classes: dict[int, str],
+                      evaluate: Callable[..., dict[str, float]], say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Complete every device's masks to ``target`` and measure a few deployed models (module docstring)."""
+    from fedtune.prune_tune import unit_ratio
+    from fedtune.training import _collate
+
+    skip = frozenset(cfg.prune.skip_layers)
+    trained = {cid: unit_ratio(m) for cid, m in client_masks.items()}
+    deployed = {cid: complete_masks(base.model, structure, state, m, target, skip) for cid, m in client_masks.items()}
+    picked = pick_clients(list(client_masks), classes, cfg.prune.deploy_eval_clients)
+    names = ", ".join(f"{c} ({classes.get(c, '?')})" for c in picked)
+    say(f"deployment: {len(deployed)} devices completed to sparsity {target}; evaluating {len(picked)}"
+        f" deployed models: {names}")
+    measured: list[dict[str, Any]] = []
+    sliceable = cfg.model.quantization == "none" and not any(
+        type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in base.model.modules())
+    batch = None
+    dense_ms = None
+    if sliceable and len(eval_data):
+        n = min(len(eval_data), cfg.train.eval_batch_size)
+        batch = {k: v.to(base.device) for k, v in _collate(eval_data, list(range(n)), base.tokenizer.pad_token_id,
+                                                             cfg.model.task).items() if k != "labels"}
+        dense_ms = _latency_ms(base.model, batch)
+    dense_params = sum(p.numel() for p in base.model.parameters())
+    for cid in picked:
+        row: dict[str, Any] = {"client_id": cid, "device": classes.get(cid), "trained_sparsity": round(trained[cid], 4),
+                               "deployed_sparsity": round(unit_ratio(deployed[cid]), 4)}
+        row.update(evaluate(payload_for(cid), deployed[cid]))
+        if sliceable:
+            model = slice_model(copy.deepcopy(base.model), structure, deployed[cid])
+            row["params"] = sum(p.numel() for p in model.parameters())
+            row["size_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 3)
+            if batch is not None:
+                row["latency_ms"] = round(_latency_ms(model, batch), 3)
+            del model
+        measured.append(row)
+    metric = "eval_accuracy" if cfg.model.task == "classification" else "eval_perplexity"
+
+    def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    out: dict[str, Any] = {
+        "target_sparsity": target, "devices": len(deployed),
+        "trained_sparsity": round(sum(trained.values()) / max(len(trained), 1), 4),
+        "deployed_sparsity": round(sum(unit_ratio(m) for m in deployed.values()) / max(len(deployed), 1), 4),
+        "metric": metric, metric: mean(metric, measured), "eval_loss": mean("eval_loss", measured),
+        "params": mean("params", measured), "dense_params": dense_params, "size_mb": mean("size_mb", measured),
+        "latency_ms": mean("latency_ms", measured), "dense_latency_ms": round(dense_ms, 3) if dense_ms else None,
+        "latency_batch": None if batch is None else int(next(iter(batch.values())).shape[0]),
+        "evaluated": measured,
+    }
+    say(f"deployment: sparsity trained {out['trained_sparsity']} -> deployed {out['deployed_sparsity']};"
+        f" {metric} of deployed models {out[metric]}; latency {out['latency_ms']} ms vs dense {out['dense_latency_ms']}")
+    return out

@@ -1,0 +1,112 @@
+"""The FedSpine reproduction driver (simulations/reproduce.py) and ``fedtune report``."""
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "simulations"))
+
+
+def _setting():
+    import reproduce
+
+    return reproduce, reproduce.load_setting(ROOT / "simulations" / "fedspine" / "minilm-s30.toml")
+
+
+def test_every_committed_setting_builds_a_valid_config_for_every_method():
+    import reproduce
+
+    from fedtune.config import config_from_dict
+
+    for path in sorted((ROOT / "simulations" / "fedspine").glob("*.toml")) + [ROOT / "simulations" / "reproduce_smoke.toml"]:
+        s = reproduce.load_setting(path)
+        for m in s["methods"]:
+            names = list(reproduce.grid(s)) if m == "best-static" else [m]
+            for name in names:
+                static = reproduce.grid(s)[name] if name.startswith("static-") else None
+                cfg = config_from_dict(reproduce.method_config(s, name, s["seeds"][0], static))
+                assert cfg.deploy_sparsity == pytest.approx(s["sparsity"]), (path.name, name)
+                assert cfg.fleet.devices == s["experiment"]["fleet"]["devices"]
+
+
+def test_methods_differ_where_the_issue_says():
+    reproduce, s = _setting()
+    fs = reproduce.method_config(s, "fedspine", 0)
+    assert fs["policy"]["name"] == "s-ucb" and fs["policy"]["ratio_mode"] == "step"
+    assert fs["policy"]["ratios"] == [0.15, 0.3]
+    het = reproduce.method_config(s, "hetlora", 0)
+    assert het["federation"]["strategy_args"]["aggregation"] == "hetlora"
+    assert het["policy"]["args"]["arms"]["jetson-tx2"] == [0.3, 4]
+    fedit = reproduce.method_config(s, "fedit", 1)
+    assert fedit["federation"]["strategy"] == "fedit" and fedit["lora"]["ranks"] == [4] and fedit["seed"] == 1
+    assert set(reproduce.grid(s)) == {"static-r4", "static-r8", "static-r16"}
+
+
+def test_a_bad_setting_names_the_key(tmp_path):
+    import reproduce
+
+    text = (ROOT / "simulations" / "reproduce_smoke.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('methods = ["fedspine"', 'methods = ["fedprox"'))
+    with pytest.raises(SystemExit, match="unknown method 'fedprox'"):
+        reproduce.load_setting(bad)
+    bad.write_text(text.replace(", jetson-agx-xavier = 4 }", " }"))
+    with pytest.raises(SystemExit, match="class_ranks: no rank for device class 'jetson-agx-xavier'"):
+        reproduce.load_setting(bad)
+
+
+def test_report_of_a_missing_folder_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedtune", "report", str(tmp_path / "nope")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope is not a run directory" in proc.stderr
+
+
+@pytest.mark.integration
+def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    cmd = [sys.executable, "simulations/reproduce.py", "--settings", "simulations/reproduce_smoke.toml",
+           "--runs-dir", str(runs), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "7 runs" in proc.stdout and "smoke/fedspine/seed1" in proc.stdout  # progress bar names the run
+    summary = json.loads((out / "summary.json").read_text())
+    setting = summary["settings"]["smoke"]
+    assert set(setting["methods"]) == {"fedspine", "flexlora", "best-static"}
+    assert set(setting["grid"]) == {"static-r2", "static-r4"}
+    chosen = setting["methods"]["best-static"]["chosen"]
+    assert chosen in setting["grid"]
+    for m in setting["methods"].values():
+        assert m["seeds"] == 2
+        assert 0.0 <= m["final_accuracy"] <= 1.0
+        assert m["deployed_sparsity"]["mean"] == pytest.approx(setting["methods"]["fedspine"]["deployed_sparsity"]["mean"])
+        assert "speedup_vs_best_baseline" in m and "time_to_target_s" in m
+        assert m["bytes_sent_mb"]["mean"] > 0
+    # the best-static's first seed is the chosen grid run, reused
+    first = json.loads((runs / "smoke" / "best-static" / "seed0" / "experiment.json").read_text())
+    assert first["method"] == "best-static" and first["chosen"] == chosen
+    table = (out / "table.md").read_text()
+    assert "| fedspine |" in table and f"| best-static ({chosen}) |" in table and "FedSpine: speed-up" in table
+    for png in setting["plots"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert {"smoke-accuracy.png", "smoke-arms.png", "smoke-trajectories.png"} <= set(setting["plots"])
+
+    # a second call finds every run done and only reports again; a removed run is redone
+    import shutil
+
+    shutil.rmtree(runs / "smoke" / "flexlora" / "seed1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "smoke/flexlora/seed1:" in proc.stdout and "smoke/fedspine/seed0:" not in proc.stdout
+    # fedtune report on the run folders directly
+    rep = subprocess.run([sys.executable, "-m", "fedtune", "report", str(runs / "smoke"), "--out", str(tmp_path / "r2"),
+                          "--target", "0.5"], cwd=ROOT, capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    again = json.loads((tmp_path / "r2" / "summary.json").read_text())["settings"]["smoke"]
+    assert again["target"] == 0.5
+    cfg = tomllib.loads((runs / "smoke" / "fedspine" / "seed0" / "config.toml").read_text())
+    assert cfg["policy"]["name"] == "s-ucb"

@@ -126,7 +126,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
             base, cfg, state, strategy.structure, strategy.client_masks, cfg.deploy_sparsity, eval_data,
             payload_for=lambda cid: strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds)),
             classes=classes, evaluate=lambda st, masks: evaluate_global(base, st, eval_data, cfg, masks=masks),
-            say=_say)
+            say=_say, calibration_for=lambda cid: tokenize(fed.partition(cid), base.tokenizer, cfg.model.task,
+                                                           cfg.model.max_length))
     records = read_metrics(out_dir / "metrics.jsonl")
     plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.name}: {type(strategy).__name__}")
     summary = summarize(records, {

@@ -14,7 +14,8 @@ see ``fedtune/deployed.py``):
 - ``flexlora``: the same static ranks and pruning, FlexLoRA aggregation.
 - ``fedit``: homogeneous FedIT (plain averaging) at the smallest rank every device class is given
   (``min(class_ranks)``), pruning at the fixed ratio.
-- ``random``: the bandit's arms drawn at random.
+- ``random``: the bandit's arms drawn at random; ``ucb1``: UCB1 over the same arms, one learner
+  per client (used by ``simulations/bench/fleet_bandit.py``).
 - ``best-static``: a small grid of static configurations (one rank for every class, each of
   ``ranks``; fixed ratio; FlexLoRA) runs with the first seed; the one that reaches the target
   soonest (then: best final metric) runs with every seed (its first-seed run is reused).
@@ -47,7 +48,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("fedspine", "hetlora", "flexlora", "fedit", "random", "best-static")
+METHODS = ("fedspine", "hetlora", "flexlora", "fedit", "random", "best-static", "ucb1")
 REQUIRED = ("setting", "sparsity", "seeds", "metric", "target", "ranks", "class_ranks", "methods", "experiment")
 
 
@@ -97,9 +98,9 @@ def method_config(s: dict[str, Any], method: str, seed: int, static: dict[str, i
     if method == "fedspine":
         extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": "flexlora"}},
                  "policy": {"name": "s-ucb", **bandit}}
-    elif method == "random":
+    elif method in ("random", "ucb1"):
         extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": "flexlora"}},
-                 "policy": {"name": "random", **bandit}}
+                 "policy": {"name": method, **bandit}}
     elif method in ("hetlora", "flexlora"):
         extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": method}},
                  "policy": static_arms(s, s["class_ranks"])}

@@ -420,11 +420,17 @@ class LoraStrategy(Strategy):
         self.sim_time_s += length
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable strategy state saved with every checkpoint (restored on resume)."""
-        return {"sim_time_s": self.sim_time_s}
+        """JSON-serialisable strategy state saved with every checkpoint (restored on resume): the
+        simulated clock and every client's latest pruning masks (as '0'/'1' strings, 1 = kept)."""
+        masks = {str(cid): {str(layer): {k: "".join("1" if b else "0" for b in t.tolist()) for k, t in m.items()}
+                            for layer, m in cm.items()} for cid, cm in sorted(self.client_masks.items())}
+        return {"sim_time_s": self.sim_time_s, "client_masks": masks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sim_time_s = float(state.get("sim_time_s", 0.0))
+        self.client_masks = {
+            int(cid): {int(layer): {k: torch.tensor([c == "1" for c in bits], dtype=torch.bool) for k, bits in m.items()}
+                       for layer, m in cm.items()} for cid, cm in state.get("client_masks", {}).items()}
 
     def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
         """Called with the round's per-client records (outcomes) after aggregation; a hook for policies."""

@@ -85,3 +85,59 @@ def test_deployment_report_measures_the_deployed_models():
     assert out["params"] < out["dense_params"] and out["size_mb"] > 0
     assert out["latency_ms"] > 0 and out["dense_latency_ms"] > 0
     assert any("completed to sparsity 0.5" in line for line in lines)
+
+
+def test_calibrated_completion_weighs_weights_by_the_devices_activations():
+    from fedtune.data import cached_federated_data
+    from fedtune.deployed import complete_masks
+    from fedtune.training import _collate, tokenize
+
+    cfg, base, state = _base_and_state()
+    s = model_structure(base.model)
+    fed = cached_federated_data(cfg.data, "classification", 2, 0, 2)
+    data = tokenize(fed.partition(0), base.tokenizer, "classification", 32)
+    batch = {k: v for k, v in _collate(data, list(range(16)), base.tokenizer.pad_token_id, "classification").items()
+             if k != "labels"}
+    masks = complete_masks(base.model, s, state, full_masks(s), 0.5, calibration=[batch])
+    # the expected FFN order of layer 0: |W + BA| * ||x|| summed per channel (normalised per module)
+    ls = s[0]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [base.model.get_submodule(p).register_forward_pre_hook(
+        lambda _m, a, p=p: seen.__setitem__(p, a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0).sqrt()))
+        for p in (*ls.ffn_in, ls.ffn_out)]
+    with torch.no_grad():
+        base.model(**batch)
+    for h in hooks:
+        h.remove()
+
+    def norm(v):
+        return v / v.mean()
+
+    wo = (base.model.get_submodule(ls.ffn_out).weight.detach() + state.delta(ls.ffn_out)).abs() * seen[ls.ffn_out]
+    score = norm(wo.sum(0))
+    for name in ls.ffn_in:
+        wi = (base.model.get_submodule(name).weight.detach() + state.delta(name)).abs() * seen[name]
+        score = score + norm(wi.sum(1))
+    pruned = (~masks[ls.layer]["ffn"]).nonzero().flatten()
+    kept = masks[ls.layer]["ffn"].nonzero().flatten()
+    assert score[pruned].max() <= score[kept].min() + 1e-5
+    assert not torch.equal(masks[ls.layer]["ffn"], complete_masks(base.model, s, state, full_masks(s), 0.5)[0]["ffn"])
+
+
+def test_client_masks_survive_a_checkpoint():
+    import json
+
+    from strategies import FlexLoRA
+
+    cfg, base, _ = _base_and_state()
+    s = model_structure(base.model)
+    strat = FlexLoRA(cfg)
+    strat.client_masks = {3: prune_step(full_masks(s), {ls.layer: {"attn": torch.arange(ls.num_units).float(),
+                                                                    "ffn": torch.arange(ls.ffn_dim).float()}
+                                                         for ls in s}, 0.5)}
+    other = FlexLoRA(cfg)
+    other.load_state_dict(json.loads(json.dumps(strat.state_dict())))
+    assert set(other.client_masks) == {3}
+    for layer, m in strat.client_masks[3].items():
+        for kind, t in m.items():
+            assert torch.equal(other.client_masks[3][layer][kind], t)

@@ -73,7 +73,7 @@ def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path):
            "--runs-dir", str(runs), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "7 runs" in proc.stdout and "smoke/fedspine/seed1" in proc.stdout  # progress bar names the run
+    assert "8 runs" in proc.stdout and "smoke/fedspine/seed1" in proc.stdout  # progress bar names the run
     summary = json.loads((out / "summary.json").read_text())
     setting = summary["settings"]["smoke"]
     assert set(setting["methods"]) == {"fedspine", "flexlora", "best-static"}

@@ -145,7 +145,7 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     prune = None
     if ratio > 0:
         prune = PruneSpec(target=ratio, interval=cfg.prune.interval, method=cfg.prune.importance, ema=cfg.prune.ema,
-                          skip_layers=tuple(cfg.prune.skip_layers))
+                          skip_layers=tuple(cfg.prune.skip_layers), recovery_steps=cfg.prune.recovery_steps)
     result = train_local(base, train_state, rank, data, cfg, train_a=bool(config.get("train-a", True)), seed=seed,
                          prune=prune, masks=masks, scores=scores)
     metrics = MetricRecord({

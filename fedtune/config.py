@@ -195,6 +195,7 @@ class PruneConfig:
     ratio: float = 0.0
     ratio_overrides: dict[str, float] = field(default_factory=dict)  # client id -> ratio
     interval: int = 20  # H: local steps between pruning events
+    recovery_steps: int = 0  # a round's last local steps without a pruning event, so the adapter recovers
     importance: str = "lora"  # lora (LoRAPrune) | magnitude | random | taylor
     ema: float = 0.9  # moving-average factor of group importance
     skip_layers: list[int] = field(default_factory=list)  # layer indices that are never pruned
@@ -214,6 +215,8 @@ class PruneConfig:
             if not key.isdigit():
                 raise ConfigError(f"prune.ratio_overrides: key {key!r} is not a client id (integer)")
         _positive("prune.interval", self.interval)
+        if self.recovery_steps < 0:
+            raise ConfigError(f"prune.recovery_steps: must be >= 0, got {self.recovery_steps}")
         _one_of("prune.importance", self.importance, ("lora", "magnitude", "random", "taylor"))
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"prune.ema: must be in [0, 1), got {self.ema}")

@@ -28,7 +28,7 @@ from fedtune.pruning import (
     unit_scores,
 )
 
-__all__ = ["PruneSpec", "PruneAndTune", "unit_ratio"]
+__all__ = ["PruneSpec", "PruneAndTune", "unit_ratio", "event_steps"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,20 @@ class PruneSpec:
     method: str = "lora"  # importance: lora | magnitude | random | taylor
     ema: float = 0.9
     skip_layers: tuple[int, ...] = ()  # layers never pruned
+    recovery_steps: int = 0  # the round's last local steps have no pruning event (the adapter recovers)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
             raise ValueError(f"prune target must be in [0, 1), got {self.target}")
         if self.method not in IMPORTANCE_METHODS:
             raise ValueError(f"prune importance must be one of {IMPORTANCE_METHODS}, got {self.method!r}")
+
+
+def event_steps(total_steps: int, interval: int, recovery_steps: int = 0) -> list[int]:
+    """Local steps (from 1) after which a pruning event happens: every ``interval`` steps, none in
+    the last ``recovery_steps`` (at least one event, at the latest allowed step)."""
+    last = max(1, total_steps - recovery_steps)
+    return list(range(interval, last + 1, interval)) or [last]
 
 
 def unit_ratio(masks: Masks) -> float:
@@ -60,7 +68,7 @@ class PruneAndTune:
         self.masks = masks if masks is not None else full_masks(structure)
         self.scores = scores
         self.start = unit_ratio(self.masks)
-        events = list(range(spec.interval, total_steps + 1, spec.interval)) or [total_steps]
+        events = event_steps(total_steps, spec.interval, spec.recovery_steps)
         if self.start >= spec.target:
             events = []
         self.events = {step: k + 1 for k, step in enumerate(events)}

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from fedtune.config import config_from_dict
+from fedtune.config import ConfigError, config_from_dict
 from tests.conftest import masked_logits
 from fedtune.models import load_base_model
 from fedtune.prune_tune import PruneSpec
@@ -184,3 +184,15 @@ def test_skipped_layers_are_never_pruned():
     m = prune_step(full_masks(s), scores, 0.5, skip_layers={0})
     assert m[0]["attn"].all() and m[0]["ffn"].all()
     assert int((~m[1]["attn"]).sum()) == 2
+
+
+def test_pruning_events_leave_the_recovery_steps_free():
+    from fedtune.prune_tune import event_steps
+
+    assert event_steps(10, 5) == [5, 10]
+    assert event_steps(10, 2, recovery_steps=4) == [2, 4, 6]
+    assert event_steps(10, 20) == [10]  # fewer steps than the interval: one event at the end
+    assert event_steps(10, 20, recovery_steps=3) == [7]
+    assert event_steps(3, 1, recovery_steps=5) == [1]
+    with pytest.raises(ConfigError, match="prune.recovery_steps"):
+        config_from_dict({"prune": {"recovery_steps": -1}})

@@ -32,7 +32,9 @@ __all__ = ["run_stats", "find_runs", "report"]
 BASELINE_ORDER = ("fedspine", "hetlora", "flexlora", "fedit", "random", "best-static")
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
+def find_runs(paths: list[Path], say: Any = print) -> list[Path]:
+    """Finished runs (``metrics.jsonl`` and ``summary.json``) at or under ``paths``; unfinished ones are
+    named and left out."""
     out: list[Path] = []
     for p in paths:
         p = Path(p)
@@ -42,7 +44,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
             out += sorted(m.parent for m in p.rglob("metrics.jsonl"))
         else:
             raise FileNotFoundError(f"fedtune report: {p} is not a run directory (no metrics.jsonl) nor a folder of runs")
-    return sorted(set(out))
+    unfinished = sorted(str(r) for r in set(out) if not (r / "summary.json").is_file())
+    if unfinished:
+        say(f"[fedtune] report: leaving out {len(unfinished)} unfinished run(s) (no summary.json): {', '.join(unfinished)}")
+    return sorted(r for r in set(out) if (r / "summary.json").is_file())
 
 
 def _metric(records: list[dict[str, Any]]) -> str:
@@ -139,7 +144,9 @@ def _setting_table(setting: str, methods: dict[str, dict[str, Any]], metric: str
             s += f" ({a['n']}/{a['of']} seeds)"
         return s
 
-    lines = [f"Target: {short} {'<=' if short == 'perplexity' else '>='} {fmt(target)}; mean ± std over seeds.", "",
+    lines = [f"Target: {short} {'<=' if short == 'perplexity' else '>='} {fmt(target)} on the server's held-out set"
+             " (global adapter); mean ± std over seeds; a time to target is the mean over the seeds that reached"
+             " it (how many, when not all); the speed-up compares those means with the fastest other method's.", "",
              f"| method | simulated s to target | speed-up vs best other | final {short} | deployed {short} |"
              " deployed latency ms (dense) | deployed size MB | bytes sent MB | peak client mem GB |"
              " sparsity trained → deployed | seeds |",
@@ -151,7 +158,7 @@ def _setting_table(setting: str, methods: dict[str, dict[str, Any]], metric: str
         lat = cell(m["latency_ms"], lambda v: f"{v:.2f}") + (f" ({dense:.2f})" if dense else "")
         label = name + (f" ({m['chosen']})" if m.get("chosen") else "")
         lines.append(
-            f"| {label} | {cell(m['time_to_target_s'], seeds=True)} | {spd} | {cell(m['final'], fmt)} |"
+            f"| {label} | {cell(m['time_to_target'], seeds=True)} | {spd} | {cell(m['final'], fmt)} |"
             f" {cell(m['deployed_metric'], fmt)} | {lat} | {cell(m['size_mb'], lambda v: f'{v:.1f}')} |"
             f" {cell(m['bytes_sent_mb'], lambda v: f'{v:.1f}')} | {cell(m['peak_mem_gb'], lambda v: f'{v:.3f}')} |"
             f" {cell(m['trained_sparsity'], lambda v: f'{v:.3f}')} → {cell(m['deployed_sparsity'], lambda v: f'{v:.3f}')}"
@@ -198,14 +205,8 @@ def _plots(setting: str, title: str, runs: list[dict[str, Any]], metric: str, ta
         axes[0].set(xlabel="round", ylabel="mean LoRA rank chosen", title="S-UCB: rank by device class")
         axes[1].set(xlabel="round", ylabel="mean pruning step chosen", title="S-UCB: pruning step by device class")
         for ax in axes:
-            ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"{title} (seed {bandit['seed']})", fontsize=10)
-        fig.tight_layout()
-        path = out / f"{setting}-arms.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path.name)
+        written.append(_save(fig, axes, f"{title} (seed {bandit['seed']})", out / f"{setting}-arms.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for m in order:
@@ -221,16 +222,21 @@ def _plots(setting: str, title: str, runs: list[dict[str, Any]], metric: str, ta
     axes[0].set(xlabel="round", ylabel="mean sparsity of the round's clients", title="sparsity")
     axes[1].set(xlabel="round", ylabel="mean LoRA rank of the round's clients", title="rank")
     axes[2].set(xlabel="round", ylabel="MB sent (up + down), cumulative", title="bytes sent")
+    axes[0].legend(fontsize=8)
+    written.append(_save(fig, axes, f"{title} (first seed of each method)", out / f"{setting}-trajectories.png"))
+    return written
+
+
+def _save(fig: Any, axes: Any, title: str, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title} (first seed of each method)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = out / f"{setting}-trajectories.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path.name)
-    return written
+    return path.name
 
 
 def report(paths: list[Path], out_dir: Path, *, target: float | None = None, command: str = "",
@@ -263,7 +269,7 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
             rs = sorted((r for r in main if r["method"] == name), key=lambda r: r["seed"])
             methods[name] = {
                 "seeds": len(rs), "chosen": rs[0]["chosen"],
-                "time_to_target_s": _agg([r["time_to_target_s"] for r in rs]),
+                "time_to_target": _agg([r["time_to_target_s"] for r in rs]),
                 "final": _agg([r["final"] for r in rs]), "best": _agg([r["best"] for r in rs]),
                 "deployed_metric": _agg([r["deployed_metric"] for r in rs]),
                 "latency_ms": _agg([r["latency_ms"] for r in rs]),
@@ -280,9 +286,9 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
                              for r in rs],
             }
         for name, m in methods.items():
-            mine = m["time_to_target_s"]["mean"]
+            mine = m["time_to_target"]["mean"]
             others = {k: o for k, o in methods.items() if k != name}
-            reached = [o["time_to_target_s"]["mean"] for o in others.values() if o["time_to_target_s"]["mean"]]
+            reached = [o["time_to_target"]["mean"] for o in others.values() if o["time_to_target"]["mean"]]
             m["speedup_vs_best_baseline"], m["speedup_is_lower_bound"] = None, False
             if mine and reached:
                 m["speedup_vs_best_baseline"] = round(min(reached) / mine, 3)
@@ -296,7 +302,7 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
         key = "final_accuracy" if metric == "eval_accuracy" else "final_perplexity"
         for m in methods.values():
             m[key] = m["final"]["mean"]
-            m["time_to_target_mean_s"] = m["time_to_target_s"]["mean"]
+            m["time_to_target_s"] = m["time_to_target"]["mean"]  # mean over the seeds that reached it
         grid = {r["method"]: {"time_to_target_s": r["time_to_target_s"], "final": r["final"]}
                 for r in srs if r["grid_candidate"]}
         title = srs[0]["title"]

@@ -44,6 +44,7 @@ def test_speedups_seed_means_and_table(tmp_path):
     _run(tmp_path, "flexlora", 0, [(0, 0.5), (30, 0.7), (60, 0.76)])
     _run(tmp_path, "flexlora", 1, [(0, 0.5), (30, 0.7), (60, 0.7)])
     _run(tmp_path, "fedit", 0, [(0, 0.5), (40, 0.6), (80, 0.65)])
+    (_run(tmp_path, "fedit", 1, [(0, 0.5), (40, 0.9)]) / "summary.json").unlink()  # unfinished: left out
     st = run_stats(tmp_path / "s" / "fedspine" / "seed0")
     assert st["time_to_target_s"] == 10 and st["final"] == 0.74 and st["best"] == 0.74
     assert st["bytes_sent"] == 6 * 2**20 and st["failed_client_rounds"] == 2 and st["peak_mem_gb"] == 0.2
@@ -51,10 +52,11 @@ def test_speedups_seed_means_and_table(tmp_path):
     out = report([tmp_path / "s"], tmp_path / "out")
     s = json.loads((out / "summary.json").read_text())["settings"]["s"]
     m = s["methods"]
-    assert m["fedspine"]["time_to_target_s"]["mean"] == 15.0 and m["fedspine"]["time_to_target_s"]["std"] == pytest.approx(7.0711)
+    assert m["fedspine"]["time_to_target_s"] == 15.0 and m["fedspine"]["time_to_target"]["std"] == pytest.approx(7.0711)
     assert m["fedspine"]["speedup_vs_best_baseline"] == 2.0  # 30 / 15
     assert m["flexlora"]["speedup_vs_best_baseline"] == 0.5
-    assert m["fedit"]["speedup_vs_best_baseline"] is None and m["fedit"]["time_to_target_s"]["n"] == 0
+    assert m["fedit"]["seeds"] == 1
+    assert m["fedit"]["speedup_vs_best_baseline"] is None and m["fedit"]["time_to_target"]["n"] == 0 and m["fedit"]["time_to_target_s"] is None
     assert m["fedspine"]["final_accuracy"] == pytest.approx(0.72)
     assert m["fedspine"]["final_vs_best_baseline"] == pytest.approx(0.72 - 0.73)
     table = (out / "table.md").read_text()
@@ -76,6 +78,6 @@ def test_lower_bound_when_no_other_method_reaches_and_auto_perplexity_target(tmp
     assert a["speedup_vs_best_baseline"] == 4.0 and a["speedup_is_lower_bound"]  # fedit's whole 40 s / 10 s
     assert s["b"]["target"] == 18.0  # the worse final perplexity: every method gets there
     b = s["b"]["methods"]
-    assert b["fedspine"]["time_to_target_s"]["mean"] == 10.0 and b["fedit"]["time_to_target_s"]["mean"] == 20.0
+    assert b["fedspine"]["time_to_target_s"] == 10.0 and b["fedit"]["time_to_target_s"] == 20.0
     assert b["fedspine"]["final_perplexity"] == 15.0 and b["fedspine"]["speedup_vs_best_baseline"] == 2.0
     assert ">= 4.00x" in (out / "table.md").read_text()

@@ -64,10 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", type=Path, default=ROOT / "simulations" / "fedspine" / "minilm-s30.toml")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "fedspine")
-    ap.add_argument("--target-accuracy", type=float, default=0.7)
+    ap.add_argument("--target-accuracy", type=float, help="default: the setting's target")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fleet_bandit.json")
     args = ap.parse_args()
     s = reproduce.load_setting(args.setting)
+    if args.target_accuracy is None:
+        args.target_accuracy = float(s["target"])
 
     class Log:
         def write(self, line: str) -> None:

@@ -127,7 +127,9 @@ def _auto_target(runs: list[dict[str, Any]], metric: str) -> float:
         if r["final"] is not None:
             by.setdefault(r["method"], []).append(r["final"])
     finals = [statistics.fmean(v) for v in by.values()]
-    return round(max(finals) if "perplexity" in metric else min(finals), 4)
+    if "perplexity" in metric:  # rounded away from the value, so the least good method still reaches it
+        return math.ceil(max(finals) * 1e4) / 1e4
+    return math.floor(min(finals) * 1e4) / 1e4
 
 
 def _setting_table(setting: str, methods: dict[str, dict[str, Any]], metric: str, target: float) -> list[str]:
@@ -178,8 +180,8 @@ def _plots(setting: str, title: str, runs: list[dict[str, Any]], metric: str, ta
     written = []
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m in order:
-        for i, r in enumerate(x for x in runs if x["method"] == m):
+    for m in order:  # the best-static grid's candidates stay out of this plot (the table lists them)
+        for i, r in enumerate(x for x in runs if x["method"] == m and not x["grid_candidate"]):
             xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
             ax.plot(xs, ys, color=colors[m], lw=2.2 if m == "fedspine" else 1.3, alpha=0.9 if i == 0 else 0.45,
                     label=m if i == 0 else None, marker="o", ms=2.5)

@@ -10,7 +10,8 @@ data (one forward pass on the device, no training, no data leaves it), and the l
 until each layer reaches the target (:func:`complete_masks`; masks only grow, so what the device
 pruned in training stays pruned). Weight magnitude alone is a poor criterion for Llama-style
 models: 10% of SmolLM2-135M's FFN channels pruned by it take the held-out perplexity from 28 to
-over 70,000 (random choice: 102), because small weights can meet very large activations. The report then measures,
+over 70,000 (by this criterion: 35, random: 75; simulations/bench/deploy_criterion.py), because small
+weights can meet very large activations. The report then measures,
 on a few devices (one per device class first), the held-out accuracy of the deployed
 (masked) model, its parameter count and size once the pruned structures are sliced away,
 and its CPU latency against the dense model, all in the same process.

@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_environment(cfg, args.verbose)
 
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if args.resume and not (out / "checkpoint" / "meta.json").is_file():
-            raise ConfigError(f"--resume: no checkpoint in {out}")
+        _check_resume(args, out)
         preflight(cfg)
         summary = simulate(cfg, out, resume=args.resume, verbose=args.verbose)
     except ConfigError as exc:
@@ -135,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[fedtune] {metric}: {summary[f'initial_{metric}']:.4f} (round 0) -> {summary[f'final_{metric}']:.4f}"
           f" (round {summary['rounds']}); outputs in {out}")
     return 0
+
+
+def _check_resume(args: argparse.Namespace, out: Path) -> None:
+    if args.resume and not (out / "checkpoint" / "meta.json").is_file():
+        raise ConfigError(f"--resume: no checkpoint in {out}")
 
 
 def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
@@ -149,8 +153,7 @@ def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
                                   min_clients=min(cfg.federation.min_clients, args.nodes))
         cfg = dataclasses.replace(cfg, federation=fed)
     out = args.out or Path("runs") / f"{cfg.name}-deploy-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume and not (out / "checkpoint" / "meta.json").is_file():
-        raise ConfigError(f"--resume: no checkpoint in {out}")
+    _check_resume(args, out)
     work_dir = args.work_dir or out / ("deployment-resumed" if args.resume else "deployment")
     try:
         status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth,

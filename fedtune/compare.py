@@ -93,6 +93,7 @@ def run_stats(run_dir: Path, target: float | None = None) -> dict[str, Any]:
         "trained_sparsity": dep.get("trained_sparsity"), "deployed_sparsity": dep.get("deployed_sparsity"),
         "deployed_metric": dep.get(metric), "latency_ms": dep.get("latency_ms"),
         "dense_latency_ms": dep.get("dense_latency_ms"), "size_mb": dep.get("size_mb"),
+        "records": records,  # every round's record, for times to other targets
         "curve": [(r.get("sim_time_s", float(r["round"])), r[metric]) for r in evals],
         "rounds_trace": [{"round": r["round"],
                           "rank": _mean([c.get("rank") for c in r.get("clients", []) if c.get("status") == "ok"]),
@@ -262,7 +263,7 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
         tgt = target or srs[0]["target"] or _auto_target([r for r in srs if not r["grid_candidate"]], metric)
         for r in srs:
             r["target"] = tgt
-            r["time_to_target_s"] = time_to_target(read_metrics(Path(r["run_dir"]) / "metrics.jsonl"), tgt, metric)
+            r["time_to_target_s"] = time_to_target(r["records"], tgt, metric)
         main = [r for r in srs if not r["grid_candidate"]]
         names = [m for m in BASELINE_ORDER if any(r["method"] == m for r in main)]
         names += sorted({r["method"] for r in main} - set(names))

@@ -30,9 +30,18 @@ from typing import Any, Callable
 import torch
 
 from fedtune.adapters import GlobalAdapter
-from fedtune.pruning import LayerStructure, Masks, apply_masks, float_weight, prune_step, slice_model, unit_scores
+from fedtune.pruning import (
+    LayerStructure,
+    Masks,
+    apply_masks,
+    float_weight,
+    prune_step,
+    slice_model,
+    unit_scores,
+    units_to_prune,
+)
 
-__all__ = ["complete_masks", "deployment_report", "pick_clients"]
+__all__ = ["complete_masks", "deployment_report", "merged_magnitudes", "pick_clients", "reaches"]
 
 
 def _input_norms(model: torch.nn.Module, paths: list[str], masks: Masks, structure: list[LayerStructure],
@@ -58,23 +67,41 @@ def _input_norms(model: torch.nn.Module, paths: list[str], masks: Masks, structu
     return {p: v.sqrt() for p, v in sums.items()}
 
 
-def complete_masks(model: torch.nn.Module, structure: list[LayerStructure], state: GlobalAdapter, masks: Masks,
-                   target: float, skip_layers: frozenset[int] = frozenset(),
-                   calibration: list[dict[str, torch.Tensor]] | None = None) -> Masks:
-    """``masks`` grown to ``target`` per layer and kind: by ``|W + B A| * ||x||`` with ``calibration``
-    batches (the device's own data), else by merged-weight magnitude ``|W + B A|``."""
-    paths = [p for ls in structure for p in (*ls.attn_in, ls.attn_out, *ls.ffn_in, ls.ffn_out)]
-    norms = _input_norms(model, paths, masks, structure, calibration) if calibration else {}
-    weights: dict[str, torch.Tensor] = {}
+def _prunable_paths(structure: list[LayerStructure]) -> list[str]:
+    return [p for ls in structure for p in (*ls.attn_in, ls.attn_out, *ls.ffn_in, ls.ffn_out)]
+
+
+def merged_magnitudes(model: torch.nn.Module, structure: list[LayerStructure],
+                      state: GlobalAdapter) -> dict[str, torch.Tensor]:
+    """``|W + B A|`` of every prunable module: the same for every device, so computed once per report."""
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for path in paths:
+        for path in _prunable_paths(structure):
             w = float_weight(model.get_submodule(path)).float().cpu()
             if path in state.adapter or path in state.frozen:
                 w = w + state.delta(path).float().cpu()
-            w = w.abs()
-            if path in norms:
-                w = w * norms[path][None, :]
-            weights[path] = w
+            out[path] = w.abs()
+    return out
+
+
+def reaches(masks: Masks, target: float, skip_layers: frozenset[int] = frozenset()) -> bool:
+    """Whether :func:`fedtune.pruning.prune_step` at ``target`` would prune nothing more."""
+    return all(int((~keep).sum()) >= units_to_prune(target, keep.numel())
+               for layer, m in masks.items() if layer not in skip_layers for keep in m.values())
+
+
+def complete_masks(model: torch.nn.Module, structure: list[LayerStructure], state: GlobalAdapter, masks: Masks,
+                   target: float, skip_layers: frozenset[int] = frozenset(),
+                   calibration: list[dict[str, torch.Tensor]] | None = None,
+                   magnitudes: dict[str, torch.Tensor] | None = None) -> Masks:
+    """``masks`` grown to ``target`` per layer and kind: by ``|W + B A| * ||x||`` with ``calibration``
+    batches (the device's own data), else by merged-weight magnitude ``|W + B A|`` (``magnitudes``:
+    :func:`merged_magnitudes`, when already computed). Masks already at the target come back as they are."""
+    if reaches(masks, target, skip_layers):
+        return masks
+    magnitudes = magnitudes if magnitudes is not None else merged_magnitudes(model, structure, state)
+    norms = _input_norms(model, _prunable_paths(structure), masks, structure, calibration) if calibration else {}
+    weights = {p: w * norms[p][None, :] if p in norms else w for p, w in magnitudes.items()}
     return prune_step(masks, unit_scores(structure, weights), target, skip_layers)
 
 
@@ -115,15 +142,19 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
     skip = frozenset(cfg.prune.skip_layers)
     trained = {cid: unit_ratio(m) for cid, m in client_masks.items()}
 
+    def inputs(data: Any, n: int) -> dict[str, torch.Tensor]:
+        """The model inputs of ``data``'s first ``n`` examples (no labels), on the model's device."""
+        batch = _collate(data, list(range(min(len(data), n))), base.tokenizer.pad_token_id, cfg.model.task)
+        return {k: v.to(base.device) for k, v in batch.items() if k != "labels"}
+
     def calib(cid: int) -> list[dict[str, torch.Tensor]] | None:
         data = calibration_for(cid) if calibration_for is not None else None
-        if data is None or not len(data):
-            return None
-        idx = list(range(min(len(data), calibration_examples)))
-        batch = _collate(data, idx, base.tokenizer.pad_token_id, cfg.model.task)
-        return [{k: v.to(base.device) for k, v in batch.items() if k != "labels"}]
+        return [inputs(data, calibration_examples)] if data is not None and len(data) else None
 
-    deployed = {cid: complete_masks(base.model, structure, state, m, target, skip, calib(cid))
+    magnitudes = None if all(reaches(m, target, skip) for m in client_masks.values()) else merged_magnitudes(
+        base.model, structure, state)
+    deployed = {cid: m if reaches(m, target, skip) else
+                complete_masks(base.model, structure, state, m, target, skip, calib(cid), magnitudes)
                 for cid, m in client_masks.items()}
     picked = pick_clients(list(client_masks), classes, cfg.prune.deploy_eval_clients)
     names = ", ".join(f"{c} ({classes.get(c, '?')})" for c in picked)
@@ -135,9 +166,7 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
     batch = None
     dense_ms = None
     if sliceable and len(eval_data):
-        n = min(len(eval_data), cfg.train.eval_batch_size)
-        batch = {k: v.to(base.device) for k, v in _collate(eval_data, list(range(n)), base.tokenizer.pad_token_id,
-                                                             cfg.model.task).items() if k != "labels"}
+        batch = inputs(eval_data, cfg.train.eval_batch_size)
         dense_ms = _latency_ms(base.model, batch)
     dense_params = sum(p.numel() for p in base.model.parameters())
     for cid in picked:

@@ -44,6 +44,7 @@ __all__ = [
     "unit_scores",
     "normalise",
     "prune_step",
+    "units_to_prune",
     "sparsity",
     "slice_model",
     "IMPORTANCE_METHODS",
@@ -239,6 +240,11 @@ def unit_scores(structure: list[LayerStructure], weights: dict[str, torch.Tensor
     return out
 
 
+def units_to_prune(ratio: float, n: int) -> int:
+    """How many of ``n`` units a layer has pruned at ``ratio``: ``floor(ratio * n)``, at least one kept."""
+    return min(int(math.floor(ratio * n + 1e-9)), n - 1)
+
+
 def prune_step(masks: Masks, scores: dict[int, dict[str, torch.Tensor]], ratio: float,
                skip_layers: frozenset[int] | set[int] = frozenset()) -> Masks:
     """Prune each layer's lowest-scoring kept units until ``ratio`` of them are pruned.
@@ -253,8 +259,7 @@ def prune_step(masks: Masks, scores: dict[int, dict[str, torch.Tensor]], ratio: 
             continue
         new[layer] = {}
         for kind, keep in m.items():
-            n = keep.numel()
-            want = min(int(math.floor(ratio * n + 1e-9)), n - 1)
+            want = units_to_prune(ratio, keep.numel())
             keep = keep.clone()
             have = int((~keep).sum())
             if want > have:

@@ -110,12 +110,16 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
         _say(format_progress(rec, num_rounds))
 
     adapter_dir = save_peft_adapter(state, cfg, out_dir / "adapter")
+    def payload_for(cid: int) -> Any:
+        """What client ``cid`` deploys: the global adapter at its last round's rank."""
+        return strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds))
+
     client_models: dict[str, Any] = {}
     if cfg.prunes and cfg.prune.export_client_models and strategy.client_masks:
         _say(f"exporting {len(strategy.client_masks)} pruned client models to {out_dir / 'clients'}")
         for cid, masks in sorted(strategy.client_masks.items()):
-            payload = strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds))
-            client_models[str(cid)] = export_pruned_model(payload, masks, cfg, out_dir / "clients" / str(cid) / "model")
+            client_models[str(cid)] = export_pruned_model(payload_for(cid), masks, cfg,
+                                                           out_dir / "clients" / str(cid) / "model")
     deployment = None
     if cfg.deploy_sparsity > 0 and strategy.client_masks:
         from fedtune.deployed import deployment_report
@@ -124,7 +128,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
                    if strategy.fleet is not None else {})
         deployment = deployment_report(
             base, cfg, state, strategy.structure, strategy.client_masks, cfg.deploy_sparsity, eval_data,
-            payload_for=lambda cid: strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds)),
+            payload_for=payload_for,
             classes=classes, evaluate=lambda st, masks: evaluate_global(base, st, eval_data, cfg, masks=masks),
             say=_say, calibration_for=lambda cid: tokenize(fed.partition(cid), base.tokenizer, cfg.model.task,
                                                            cfg.model.max_length))

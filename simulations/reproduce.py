@@ -69,6 +69,16 @@ def load_setting(path: Path) -> dict[str, Any]:
         raise SystemExit(f"reproduce: {path}: class_ranks: no rank for device class {missing[0]!r}")
     if not 0 < float(s["sparsity"]) < 1:
         raise SystemExit(f"reproduce: {path}: sparsity: must be in (0, 1), got {s['sparsity']}")
+    if s["metric"] not in ("eval_accuracy", "eval_perplexity"):
+        raise SystemExit(f"reproduce: {path}: metric: 'eval_accuracy' or 'eval_perplexity', got {s['metric']!r}")
+    from fedtune.config import ConfigError, config_from_dict
+
+    for m in s["methods"]:  # every run's config is checked now, not after hours of earlier runs
+        for name in (list(grid(s)) if m == "best-static" else [m]):
+            try:
+                config_from_dict(method_config(s, name, s["seeds"][0], grid(s).get(name)))
+            except ConfigError as exc:
+                raise SystemExit(f"reproduce: {path}: [experiment] for method {name!r}: {exc}") from None
     return s
 
 
@@ -181,6 +191,7 @@ def main() -> None:
                 jobs += [(s, m, seed) for seed in s["seeds"]]
     t0 = time.time()
     dirs: list[Path] = []
+    chosen: dict[str, str] = {}  # setting -> its best-static grid candidate
     with tqdm(jobs, desc="fedspine", unit="run", file=sys.stdout, dynamic_ncols=True) as bar:
         for s, m, seed in bar:
             bar.set_postfix_str(f"{s['setting']}/{m}/seed{seed}")
@@ -189,7 +200,9 @@ def main() -> None:
             if m.startswith("static-"):
                 static, meta = grid(s)[m], {"grid_candidate": True}
             elif m == "best-static":
-                choice = best_static(s, args.runs_dir)
+                if s["setting"] not in chosen:  # the grid ran with the first seed, before these jobs
+                    chosen[s["setting"]] = best_static(s, args.runs_dir)
+                choice = chosen[s["setting"]]
                 static, meta = grid(s)[choice], {"chosen": choice}
                 if seed == s["seeds"][0]:
                     meta["reuse"] = choice

@@ -37,6 +37,9 @@ def test_completion_reaches_the_target_keeps_earlier_pruning_and_follows_magnitu
             assert int((~done[ls.layer][kind]).sum()) == int(0.5 * n)  # the target, per layer and kind
             assert not (done[ls.layer][kind] & ~partial[ls.layer][kind]).any()  # what was pruned stays pruned
     assert unit_ratio(done) > unit_ratio(partial)
+    from fedtune.deployed import reaches
+
+    assert reaches(done, 0.5) and not reaches(partial, 0.5) and reaches(partial, 0.25)
     # already at the target: nothing changes
     again = complete_masks(base.model, s, state, done, 0.5)
     assert all(torch.equal(again[k][t], done[k][t]) for k in done for t in done[k])

@@ -55,6 +55,12 @@ def test_a_bad_setting_names_the_key(tmp_path):
     bad.write_text(text.replace('methods = ["fedspine"', 'methods = ["fedprox"'))
     with pytest.raises(SystemExit, match="unknown method 'fedprox'"):
         reproduce.load_setting(bad)
+    bad.write_text(text.replace("local_steps = 4", "local_step = 4"))
+    with pytest.raises(SystemExit, match="local_step"):
+        reproduce.load_setting(bad)
+    bad.write_text(text.replace('metric = "eval_accuracy"', 'metric = "acc"'))
+    with pytest.raises(SystemExit, match="metric: 'eval_accuracy' or 'eval_perplexity', got 'acc'"):
+        reproduce.load_setting(bad)
     bad.write_text(text.replace(", jetson-agx-xavier = 4 }", " }"))
     with pytest.raises(SystemExit, match="class_ranks: no rank for device class 'jetson-agx-xavier'"):
         reproduce.load_setting(bad)

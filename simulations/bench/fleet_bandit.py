@@ -59,6 +59,7 @@ def speedup(results: dict, target: str) -> dict:
 def main() -> None:
     import reproduce
 
+    from fedtune.clock import time_to_target
     from fedtune.compare import run_stats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,10 +92,7 @@ def main() -> None:
                 stats.append(run_stats(run_dir, target=args.target_accuracy))
         if not stats:
             continue
-        records = [[json.loads(x) for x in (Path(st["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-                   for st in stats]
-        from fedtune.clock import time_to_target
-
+        records = [st["records"] for st in stats]
         ttt = {str(a): [time_to_target(r, a) for r in records] for a in TARGETS}
         results[label] = {
             "method": method, "seeds": [st["seed"] for st in stats],
@@ -105,6 +103,7 @@ def main() -> None:
             "deployed_accuracy_mean": _mean([st["deployed_metric"] for st in stats]),
             "accuracy_by_round": [[x.get("eval_accuracy") for x in r] for r in records],
             "sim_time_mean_s": _mean([st["sim_time_s"] for st in stats]),
+            "run_wall_time_mean_s": _mean([st["wall_time_s"] for st in stats]),  # one run, on this machine
             "trained_sparsity_mean": _mean([st["trained_sparsity"] for st in stats]),
             "deployed_sparsity_mean": _mean([st["deployed_sparsity"] for st in stats]),
             "mean_rank": _mean([st["mean_rank"] for st in stats]),
@@ -125,7 +124,8 @@ def main() -> None:
         "trained_sparsity_spread": round(max(trained) - min(trained), 4) if trained else None,
         "fleet": s["experiment"]["fleet"]["devices"], "experiment": s["experiment"], "seeds": s["seeds"],
         "methods": results,
-        "wall_s": round(time.time() - t0, 1),
+        # this script's wall time; finished runs are reused, so it says nothing about how long they took
+        "script_wall_s": round(time.time() - t0, 1),
         "command": "python simulations/bench/fleet_bandit.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),

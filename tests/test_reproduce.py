@@ -47,22 +47,20 @@ def test_methods_differ_where_the_issue_says():
     assert set(reproduce.grid(s)) == {"static-r4", "static-r8", "static-r16"}
 
 
-def test_a_bad_setting_names_the_key(tmp_path):
+@pytest.mark.parametrize("old,new,message", [
+    ('methods = ["fedspine"', 'methods = ["fedprox"', "unknown method 'fedprox'"),
+    ("local_steps = 4", "local_step = 4", "local_step"),
+    ('metric = "eval_accuracy"', 'metric = "acc"', "metric: 'eval_accuracy' or 'eval_perplexity', got 'acc'"),
+    (", jetson-agx-xavier = 4 }", " }", "class_ranks: no rank for device class 'jetson-agx-xavier'"),
+])
+def test_a_bad_setting_names_the_key(tmp_path, old, new, message):
     import reproduce
 
     text = (ROOT / "simulations" / "reproduce_smoke.toml").read_text()
+    assert old in text
     bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace('methods = ["fedspine"', 'methods = ["fedprox"'))
-    with pytest.raises(SystemExit, match="unknown method 'fedprox'"):
-        reproduce.load_setting(bad)
-    bad.write_text(text.replace("local_steps = 4", "local_step = 4"))
-    with pytest.raises(SystemExit, match="local_step"):
-        reproduce.load_setting(bad)
-    bad.write_text(text.replace('metric = "eval_accuracy"', 'metric = "acc"'))
-    with pytest.raises(SystemExit, match="metric: 'eval_accuracy' or 'eval_perplexity', got 'acc'"):
-        reproduce.load_setting(bad)
-    bad.write_text(text.replace(", jetson-agx-xavier = 4 }", " }"))
-    with pytest.raises(SystemExit, match="class_ranks: no rank for device class 'jetson-agx-xavier'"):
+    bad.write_text(text.replace(old, new))
+    with pytest.raises(SystemExit, match=message):
         reproduce.load_setting(bad)
 
 

@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedtune.adapters import Factors
-from fedtune.config import ExperimentConfig, ModelConfig, config_from_dict
-from fedtune.data import cached_federated_data
-from fedtune.models import cached_base_model
-from fedtune.prune_tune import PruneSpec
-from fedtune.pruning import Masks, masks_from_tensors, masks_to_tensors
-from fedtune.records import factors_to_record, record_to_state
-from fedtune.training import Tokenized, tokenize, train_local
+from fedtune.core.config import ExperimentConfig, ModelConfig, config_from_dict
+from fedtune.data.batching import Tokenized, tokenize
+from fedtune.data.partition import cached_federated_data
+from fedtune.lora.factors import Factors
+from fedtune.lora.records import factors_to_record, record_to_state
+from fedtune.models.loading import cached_base_model
+from fedtune.pruning.masks import masks_from_tensors, masks_to_tensors
+from fedtune.pruning.prune_and_tune import PruneSpec
+from fedtune.pruning.structure import Masks
+from fedtune.training.local import train_local
 
 __all__ = ["handle_train", "inject_fault"]
 

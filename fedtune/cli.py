@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.config import ConfigError, ExperimentConfig, config_to_toml, load_config
+from fedtune.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_to_toml,
+    load_config,
+)
 
 __all__ = ["main"]
 
@@ -85,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:10s} {doc[0] if doc else ''}")
             return 0
         if args.command == "certs":
-            from fedtune.deploy import generate_certificates, generate_node_keys
+            from fedtune.deploy.certificates import (
+                generate_certificates,
+                generate_node_keys,
+            )
 
             paths = generate_certificates(args.out, ("127.0.0.1", "localhost", "superlink", *args.host))
             keys = generate_node_keys(args.out / "keys", [f"supernode-{i}" for i in range(args.nodes)])
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                   f" to {args.out} (private keys mode 0600)")
             return 0
         if args.command == "compose":
-            from fedtune.deploy import NodeSpec, node_specs, write_compose
+            from fedtune.deploy.compose import write_compose
+            from fedtune.deploy.processes import NodeSpec, node_specs
 
             if args.nodes < 1:
                 raise ConfigError(f"--nodes: must be >= 1, got {args.nodes}")
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[fedtune] wrote {path}")
             return 0
         if args.command == "report":
-            from fedtune.compare import report
+            from fedtune.reporting.comparison import report
 
             out = args.out or args.runs[0] / "report"
             try:
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "deploy":
             return _deploy(args, cfg)
-        from fedtune.simulation import prepare_environment, preflight, simulate
+        from fedtune.engine.simulation import preflight, prepare_environment, simulate
 
         prepare_environment(cfg, args.verbose)
 
@@ -144,7 +153,7 @@ def _check_resume(args: argparse.Namespace, out: Path) -> None:
 def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     import dataclasses
 
-    from fedtune.deploy import deploy
+    from fedtune.deploy.processes import deploy
 
     if args.nodes is not None:
         if args.nodes < 1:

@@ -71,7 +71,7 @@ def load_setting(path: Path) -> dict[str, Any]:
         raise SystemExit(f"reproduce: {path}: sparsity: must be in (0, 1), got {s['sparsity']}")
     if s["metric"] not in ("eval_accuracy", "eval_perplexity"):
         raise SystemExit(f"reproduce: {path}: metric: 'eval_accuracy' or 'eval_perplexity', got {s['metric']!r}")
-    from fedtune.config import ConfigError, config_from_dict
+    from fedtune.core.config import ConfigError, config_from_dict
 
     for m in s["methods"]:  # every run's config is checked now, not after hours of earlier runs
         for name in (list(grid(s)) if m == "best-static" else [m]):
@@ -161,7 +161,7 @@ def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str
 
 def best_static(s: dict[str, Any], runs: Path) -> str:
     """The grid candidate (run with the first seed) that reaches the target soonest, then best final metric."""
-    from fedtune.compare import run_stats
+    from fedtune.reporting.comparison import run_stats
 
     lower = "perplexity" in s["metric"]
     scored = []
@@ -211,7 +211,7 @@ def main() -> None:
             dirs.append(run_one(s, m, seed, args.runs_dir, method_config(s, m, seed, static), meta, bar))
     print(f"[reproduce] {len(dirs)} runs in {time.time() - t0:.0f}s under {args.runs_dir}", flush=True)
     if not args.no_report:
-        from fedtune.compare import report
+        from fedtune.reporting.comparison import report
 
         roots = [args.runs_dir / s["setting"] for s in settings]
         out = report(roots, args.out, command="python simulations/reproduce.py " + " ".join(sys.argv[1:]),

@@ -7,7 +7,12 @@ from strategies.ffalora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
-from strategies.registry import STRATEGIES, build_strategy, register_strategy, strategy_class
+from strategies.registry import (
+    STRATEGIES,
+    build_strategy,
+    register_strategy,
+    strategy_class,
+)
 
 __all__ = [
     "LoraStrategy", "weighted_head_average", "FedIT", "HetLoRA", "FlexLoRA", "FLoRA", "FFALoRA", "FedSpine",

@@ -8,7 +8,7 @@ non-finite updates are rejected with the reason logged; a crashed client is reco
 failed and the round goes on), task-head averaging and per-client bookkeeping that the
 server writes to ``metrics.jsonl``.
 
-Adapter conventions are those of :mod:`fedtune.adapters` (``delta_W = B @ A``, scale
+Adapter conventions are those of :mod:`fedtune.lora.factors` (``delta_W = B @ A``, scale
 folded into B).
 """
 
@@ -22,12 +22,20 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedtune.adapters import (
+from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.lora.factors import (
     ClientUpdate,
     Factors,
     GlobalAdapter,
@@ -36,9 +44,14 @@ from fedtune.adapters import (
     scale_for_holders,
     truncate_factors,
 )
-from fedtune.pruning import LayerStructure, Masks, masks_from_tensors, module_keep
-from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.records import RecordError, record_to_factors, record_to_state, state_to_record
+from fedtune.lora.records import (
+    RecordError,
+    record_to_factors,
+    record_to_state,
+    state_to_record,
+)
+from fedtune.pruning.masks import masks_from_tensors
+from fedtune.pruning.structure import LayerStructure, Masks, module_keep
 
 __all__ = ["LoraStrategy", "weighted_head_average"]
 
@@ -92,7 +105,7 @@ class LoraStrategy(Strategy):
         self._sent: dict[int, tuple[int, int, float]] = {}  # node -> (client id, rank, send time)
         self.structure: list[LayerStructure] | None = None  # prunable structure groups of the model
         self.client_masks: dict[int, Masks] = {}  # latest pruning masks each client reported
-        self.fleet: Any = None  # fedtune.clock.FleetSimulator when a device fleet is simulated
+        self.fleet: Any = None  # fedtune.fleet.clock.FleetSimulator when a device fleet is simulated
         self.sim_time_s = 0.0  # cumulative simulated seconds
         self.round_sim_s: dict[int, float] = {}
         self._bytes_down: dict[int, int] = {}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter
-from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter
 from strategies.base import LoraStrategy
 
 

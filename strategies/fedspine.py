@@ -3,10 +3,10 @@
 FedSpine (arXiv 2501.02438): each device prunes and fine-tunes with the configuration a
 multi-armed bandit picks from observed outcomes only (loss, pruning reached, completion
 time; no device profiles). This strategy asks the policy (``policy.name``, any
-:class:`fedtune.bandits.Policy`, by registry name, ``module:Class`` or ``file.py:Class``)
+:class:`fedtune.fleet.policies.Policy`, by registry name, ``module:Class`` or ``file.py:Class``)
 for each sampled client's arm, sends each node its own rank-projected adapter and target
 ratio, aggregates the heterogeneous ranks with FlexLoRA (default) or HetLoRA, and feeds
-each client's reward (:func:`fedtune.rewards.fedspine_reward`) back, and, to policies that
+each client's reward (:func:`fedtune.fleet.rewards.fedspine_reward`) back, and, to policies that
 have ``observe(client_id, seconds, median_seconds)``, each client's completion time against
 the round's median (S-UCB pools its statistics by that observed speed). The policy's state
 is saved with every checkpoint.
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter
-from fedtune.bandits import POLICIES, Arm, Policy, StaticPolicy, make_policy
-from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.plugins import load_plugin
-from fedtune.rewards import fedspine_reward
+from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.core.plugins import load_plugin
+from fedtune.fleet.policies import POLICIES, Arm, Policy, StaticPolicy, make_policy
+from fedtune.fleet.rewards import fedspine_reward
+from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter
 from strategies.base import LoraStrategy
 from strategies.flexlora import aggregate_flexlora
 from strategies.hetlora import aggregate_hetlora

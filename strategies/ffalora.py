@@ -10,7 +10,7 @@ B alone is exact: ``sum_k p_k B_k A = (sum_k p_k B_k) A``. Heterogeneous ranks r
 
 from __future__ import annotations
 
-from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter, pad_factors
+from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, pad_factors
 from strategies.base import LoraStrategy
 
 

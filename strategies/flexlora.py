@@ -13,7 +13,7 @@ LoRA example does, never from the dense ``out x in`` matrix.
 
 from __future__ import annotations
 
-from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter, lowrank_svd
+from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, lowrank_svd
 from strategies.base import LoraStrategy
 
 

@@ -9,7 +9,7 @@ update is merged into the model: fedtune keeps it as the *frozen* low-rank part 
 global state (clients add it as a frozen path, so quantized bases work too), and every
 client starts the next round from a fresh adapter (A random, seeded by round; B = 0).
 When the frozen rank exceeds ``max_frozen_rank`` it is re-compressed by the QR/SVD of
-:func:`fedtune.adapters.lowrank_svd` (exact while the true rank fits; the best
+:func:`fedtune.lora.factors.lowrank_svd` (exact while the true rank fits; the best
 approximation otherwise).
 """
 
@@ -19,8 +19,15 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter, init_factors, lowrank_svd, stack_factors
-from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.lora.factors import (
+    ClientUpdate,
+    Factors,
+    GlobalAdapter,
+    init_factors,
+    lowrank_svd,
+    stack_factors,
+)
 from strategies.base import LoraStrategy, weighted_head_average
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.adapters import ClientUpdate, Factors, GlobalAdapter, pad_factors
+from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, pad_factors
 from strategies.base import LoraStrategy
 
 

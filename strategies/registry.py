@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.plugins import load_plugin
+from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.core.plugins import load_plugin
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
 from strategies.fedspine import FedSpine

@@ -25,8 +25,8 @@ def rand_factors(gen: torch.Generator, rank: int, out_f: int = 12, in_f: int = 1
 def masked_logits(base, state, rank, cfg, masks, ids):
     """Logits of ``base`` with ``state``'s adapter at ``rank`` and ``masks`` applied (no slicing):
     what an exported pruned model must reproduce."""
-    from fedtune.pruning import apply_masks, model_structure
-    from fedtune.training import _prepare, _release, head_state
+    from fedtune.pruning.structure import apply_masks, model_structure
+    from fedtune.training.local import _prepare, _release, head_state
 
     own = head_state(base)
     peft_model, handles = _prepare(base, state, rank, cfg)

@@ -2,7 +2,7 @@
 
 import torch
 
-from fedtune.adapters import (
+from fedtune.lora.factors import (
     dense_delta,
     init_factors,
     is_finite_adapter,

@@ -5,7 +5,16 @@ import random
 
 import pytest
 
-from fedtune.bandits import EUCB, POLICIES, SUCB, Arm, Policy, StaticPolicy, arm_grid, make_policy
+from fedtune.fleet.policies import (
+    EUCB,
+    POLICIES,
+    SUCB,
+    Arm,
+    Policy,
+    StaticPolicy,
+    arm_grid,
+    make_policy,
+)
 
 RATIOS, RANKS = [0.1, 0.3, 0.5], [4, 8]
 
@@ -154,7 +163,7 @@ def test_static_policy_by_device_class():
 
 
 def test_fedspine_reward_hand_computed():
-    from fedtune.rewards import fedspine_reward
+    from fedtune.fleet.rewards import fedspine_reward
 
     r = fedspine_reward(loss_prev=1.0, loss_now=0.8, reached=0.2, target=0.4, seconds=20.0, fastest_seconds=10.0)
     assert r == pytest.approx(0.4 * 0.2 + 0.3 * 0.5 + 0.3 * 0.5)
@@ -165,12 +174,12 @@ def test_fedspine_reward_hand_computed():
 
 
 def test_user_policy_plugs_in_from_a_file(tmp_path):
-    from fedtune.config import ConfigError, config_from_dict
+    from fedtune.core.config import ConfigError, config_from_dict
     from strategies.fedspine import FedSpine, build_policy
 
     f = tmp_path / "my_policy.py"
     f.write_text(
-        "from fedtune.bandits import Arm\n"
+        "from fedtune.fleet.policies import Arm\n"
         "class Fixed:\n"
         "    def __init__(self, ratios, ranks, seed=0):\n"
         "        self.arm = Arm(max(ratios), min(ranks))\n"
@@ -192,7 +201,7 @@ def test_user_policy_plugs_in_from_a_file(tmp_path):
 
 
 def test_fedspine_static_arms_by_device_class_and_step_mode():
-    from fedtune.config import ConfigError, config_from_dict
+    from fedtune.core.config import ConfigError, config_from_dict
     from strategies.fedspine import FedSpine
 
     base = {"federation": {"strategy": "fedspine", "num_clients": 3},

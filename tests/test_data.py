@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from fedtune.config import ConfigError, DataConfig
-from fedtune.data import FederatedData, load_corpus, make_partitioner
+from fedtune.core.config import ConfigError, DataConfig
+from fedtune.data.corpora import load_corpus
+from fedtune.data.partition import FederatedData, make_partitioner
 
 
 @pytest.mark.parametrize("name, size, n_labels, key", [

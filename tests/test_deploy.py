@@ -10,9 +10,10 @@ import sys
 import pytest
 import yaml
 
-from fedtune.config import load_config
-from fedtune.deploy import FLWR_VERSION, LocalDeployment, NodeSpec, compose_files, generate_certificates, \
-    generate_node_keys, node_specs
+from fedtune.core.config import load_config
+from fedtune.deploy.certificates import generate_certificates, generate_node_keys
+from fedtune.deploy.compose import FLWR_VERSION, compose_files
+from fedtune.deploy.processes import LocalDeployment, NodeSpec, node_specs
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)

@@ -2,14 +2,15 @@
 
 import torch
 
-from fedtune.config import config_from_dict
-from fedtune.pruning import full_masks, model_structure, prune_step
+from fedtune.core.config import config_from_dict
+from fedtune.pruning.importance import prune_step
+from fedtune.pruning.structure import full_masks, model_structure
 
 
 def _base_and_state():
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.models import cached_base_model
-    from fedtune.training import head_state, lora_shapes
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.training.local import head_state, lora_shapes
 
     cfg = config_from_dict({"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [4]},
                             "prune": {"ratio": 0.5}})
@@ -21,8 +22,8 @@ def _base_and_state():
 
 
 def test_completion_reaches_the_target_keeps_earlier_pruning_and_follows_magnitude():
-    from fedtune.deployed import complete_masks
-    from fedtune.prune_tune import unit_ratio
+    from fedtune.pruning.completion import complete_masks
+    from fedtune.pruning.prune_and_tune import unit_ratio
 
     cfg, base, state = _base_and_state()
     s = model_structure(base.model)
@@ -37,7 +38,7 @@ def test_completion_reaches_the_target_keeps_earlier_pruning_and_follows_magnitu
             assert int((~done[ls.layer][kind]).sum()) == int(0.5 * n)  # the target, per layer and kind
             assert not (done[ls.layer][kind] & ~partial[ls.layer][kind]).any()  # what was pruned stays pruned
     assert unit_ratio(done) > unit_ratio(partial)
-    from fedtune.deployed import reaches
+    from fedtune.pruning.completion import reaches
 
     assert reaches(done, 0.5) and not reaches(partial, 0.5) and reaches(partial, 0.25)
     # already at the target: nothing changes
@@ -57,7 +58,7 @@ def test_completion_reaches_the_target_keeps_earlier_pruning_and_follows_magnitu
 
 
 def test_pick_clients_takes_one_of_each_class_first():
-    from fedtune.deployed import pick_clients
+    from fedtune.pruning.completion import pick_clients
 
     classes = {0: "tx2", 1: "tx2", 2: "nx", 3: "nx", 4: "agx"}
     assert pick_clients([4, 3, 2, 1, 0], classes, 4) == [4, 2, 0, 3]
@@ -66,9 +67,10 @@ def test_pick_clients_takes_one_of_each_class_first():
 
 
 def test_deployment_report_measures_the_deployed_models():
-    from fedtune.data import cached_federated_data
-    from fedtune.deployed import deployment_report
-    from fedtune.training import evaluate_global, tokenize
+    from fedtune.data.batching import tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.pruning.completion import deployment_report
+    from fedtune.training.local import evaluate_global
 
     cfg, base, state = _base_and_state()
     s = model_structure(base.model)
@@ -91,15 +93,15 @@ def test_deployment_report_measures_the_deployed_models():
 
 
 def test_calibrated_completion_weighs_weights_by_the_devices_activations():
-    from fedtune.data import cached_federated_data
-    from fedtune.deployed import complete_masks
-    from fedtune.training import _collate, tokenize
+    from fedtune.data.batching import collate, tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.pruning.completion import complete_masks
 
     cfg, base, state = _base_and_state()
     s = model_structure(base.model)
     fed = cached_federated_data(cfg.data, "classification", 2, 0, 2)
     data = tokenize(fed.partition(0), base.tokenizer, "classification", 32)
-    batch = {k: v for k, v in _collate(data, list(range(16)), base.tokenizer.pad_token_id, "classification").items()
+    batch = {k: v for k, v in collate(data, list(range(16)), base.tokenizer.pad_token_id, "classification").items()
              if k != "labels"}
     masks = complete_masks(base.model, s, state, full_masks(s), 0.5, calibration=[batch])
     # the expected FFN order of layer 0: |W + BA| * ||x|| summed per channel (normalised per module)

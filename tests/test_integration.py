@@ -9,7 +9,7 @@ import tomllib
 import pytest
 import torch
 
-from fedtune.deploy import flwr_env, free_port
+from fedtune.deploy.processes import flwr_env, free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -52,10 +52,10 @@ def test_smoke_simulation_end_to_end(tmp_path):
     # the exported adapter is a standard PEFT adapter that reproduces the server's evaluation
     from peft import PeftModel
 
-    from fedtune.config import load_config
-    from fedtune.data import cached_federated_data
-    from fedtune.models import load_base_model
-    from fedtune.training import tokenize
+    from fedtune.core.config import load_config
+    from fedtune.data.batching import tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.models.loading import load_base_model
 
     exp = load_config(out / "config.toml")
     base = load_base_model(exp.model, exp.seed)
@@ -74,7 +74,7 @@ PLUGIN = '''
 """A user's strategy, outside the package: plain mean of the zero-padded products' factors.
 It also sends client 0 a payload of the wrong rank, so that client crashes every round."""
 import torch
-from fedtune.adapters import pad_factors
+from fedtune.lora.factors import pad_factors
 from strategies import LoraStrategy
 
 
@@ -173,7 +173,7 @@ def test_clients_prune_while_training_and_export_their_models(tmp_path):
     for cid in (0, 1, 2):
         assert 0.4 < r1[cid]["prune_ratio"] <= r2[cid]["prune_ratio"] < 0.6
     assert 0.15 < r2[3]["prune_ratio"] < 0.35
-    from fedtune.export import load_pruned_model
+    from fedtune.pruning.export import load_pruned_model
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["client_models"]) == {"0", "1", "2", "3"}
@@ -257,10 +257,10 @@ def _stop_ray_under(temp_dir):
 def _peft_eval_loss(out):
     from peft import PeftModel
 
-    from fedtune.config import load_config
-    from fedtune.data import cached_federated_data
-    from fedtune.models import load_base_model
-    from fedtune.training import tokenize
+    from fedtune.core.config import load_config
+    from fedtune.data.batching import tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.models.loading import load_base_model
 
     exp = load_config(out / "config.toml")
     base = load_base_model(exp.model, exp.seed)

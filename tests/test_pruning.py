@@ -5,20 +5,13 @@ import copy
 import pytest
 import torch
 
-from fedtune.config import ConfigError, config_from_dict
+from fedtune.core.config import ConfigError, config_from_dict
+from fedtune.models.loading import load_base_model
+from fedtune.pruning.importance import cubic_ratio, lora_weight_gradient, prune_step
+from fedtune.pruning.prune_and_tune import PruneSpec
+from fedtune.pruning.slicing import slice_model
+from fedtune.pruning.structure import apply_masks, full_masks, model_structure, sparsity
 from tests.conftest import masked_logits
-from fedtune.models import load_base_model
-from fedtune.prune_tune import PruneSpec
-from fedtune.pruning import (
-    apply_masks,
-    cubic_ratio,
-    full_masks,
-    lora_weight_gradient,
-    model_structure,
-    prune_step,
-    slice_model,
-    sparsity,
-)
 
 
 def tiny(name):
@@ -108,9 +101,10 @@ def test_sliced_model_equals_masked_model(name):
 
 
 def test_prune_and_tune_reaches_the_target_and_pruned_units_get_no_update():
-    from fedtune.data import cached_federated_data
-    from fedtune.models import cached_base_model
-    from fedtune.training import head_state, lora_shapes, tokenize, train_local
+    from fedtune.data.batching import tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.models.loading import cached_base_model
+    from fedtune.training.local import head_state, lora_shapes, train_local
     from strategies import HetLoRA
 
     cfg = config_from_dict({
@@ -149,10 +143,10 @@ def test_prune_and_tune_reaches_the_target_and_pruned_units_get_no_update():
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
 def test_exported_client_model_equals_the_masked_model(name, tmp_path):
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.export import export_pruned_model, load_pruned_model
-    from fedtune.models import cached_base_model
-    from fedtune.training import head_state, lora_shapes
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.pruning.export import export_pruned_model, load_pruned_model
+    from fedtune.training.local import head_state, lora_shapes
 
     task = "classification" if name == "tiny-bert" else "causal-lm"
     cfg = config_from_dict({"model": {"name": name, "task": task, "max_length": 32}, "lora": {"ranks": [4]},
@@ -187,7 +181,7 @@ def test_skipped_layers_are_never_pruned():
 
 
 def test_pruning_events_leave_the_recovery_steps_free():
-    from fedtune.prune_tune import event_steps
+    from fedtune.pruning.prune_and_tune import event_steps
 
     assert event_steps(10, 5) == [5, 10]
     assert event_steps(10, 2, recovery_steps=4) == [2, 4, 6]

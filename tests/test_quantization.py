@@ -4,8 +4,9 @@ training that keeps its gradients (the AVX512-BF16 repacking trap), pruning and 
 import pytest
 import torch
 
-from fedtune.config import ConfigError, config_from_dict, load_config
-from fedtune.pruning import full_masks, model_structure, prune_step
+from fedtune.core.config import ConfigError, config_from_dict, load_config
+from fedtune.pruning.importance import prune_step
+from fedtune.pruning.structure import full_masks, model_structure
 from tests.conftest import masked_logits
 
 FLEET = {"federation": {"num_clients": 3}, "fleet": {"devices": {"jetson-tx2": 1, "jetson-xavier-nx": 1,
@@ -31,7 +32,7 @@ def test_quantization_and_gpu_share_keys_are_checked(table, needle):
 
 
 def test_gpu_shares_without_a_gpu_fail_before_ray_starts():
-    from fedtune.simulation import preflight
+    from fedtune.engine.simulation import preflight
 
     cfg = config_from_dict({**FLEET, "model": {"name": "tiny-bert", "max_length": 32},
                             "data": {"partitioner": "iid", "max_examples": 200, "eval_size": 32},
@@ -44,8 +45,8 @@ def test_gpu_shares_without_a_gpu_fail_before_ray_starts():
 
 def test_auto_quantization_is_the_widest_width_that_fits_each_device(tmp_path):
     """FedPipe's memory-driven bit widths: a device gets fp32 if it fits, else int8, else NF4."""
-    from fedtune.clock import FleetSimulator
-    from fedtune.models import cached_base_model
+    from fedtune.fleet.clock import FleetSimulator
+    from fedtune.models.loading import cached_base_model
     from strategies import HetLoRA
 
     probe = load_config(None, ['model.name="tiny-bert"', "federation.num_clients=1", "federation.min_clients=1",
@@ -83,9 +84,10 @@ def test_quantized_training_keeps_its_gradients_after_an_evaluation(q):
     """bitsandbytes repacks 4-bit weights for inference after a no-grad forward on AVX512-BF16
     CPUs, after which LoRA gradients vanish (STACK.md). Train, evaluate, train again: the second
     round must still move the adapter and the loss."""
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.models import cached_base_model
-    from fedtune.training import Tokenized, evaluate_global, head_state, train_local
+    from fedtune.data.batching import Tokenized
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.training.local import evaluate_global, head_state, train_local
 
     cfg = _nf4(q=q)
     base = cached_base_model(cfg.model, cfg.seed)
@@ -107,11 +109,12 @@ def test_quantized_training_keeps_its_gradients_after_an_evaluation(q):
 def test_lora_guided_pruning_and_export_over_an_nf4_base(tmp_path):
     """Importance from dequantized NF4 weights; the export dequantizes, merges, slices and saves a
     float model whose logits match the masked quantized model's."""
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.export import export_pruned_model, load_pruned_model
-    from fedtune.models import cached_base_model
-    from fedtune.prune_tune import PruneSpec
-    from fedtune.training import Tokenized, head_state, train_local
+    from fedtune.data.batching import Tokenized
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.pruning.export import export_pruned_model, load_pruned_model
+    from fedtune.pruning.prune_and_tune import PruneSpec
+    from fedtune.training.local import head_state, train_local
 
     cfg = _nf4(prune={"ratio": 0.5, "interval": 2})
     base = cached_base_model(cfg.model, cfg.seed)

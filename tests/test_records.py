@@ -4,8 +4,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedtune.adapters import GlobalAdapter
-from fedtune.records import RecordError, record_to_state, state_to_record
+from fedtune.lora.factors import GlobalAdapter
+from fedtune.lora.records import RecordError, record_to_state, state_to_record
 from tests.conftest import rand_factors
 
 

@@ -21,7 +21,7 @@ def _setting():
 def test_every_committed_setting_builds_a_valid_config_for_every_method():
     import reproduce
 
-    from fedtune.config import config_from_dict
+    from fedtune.core.config import config_from_dict
 
     for path in sorted((ROOT / "simulations" / "fedspine").glob("*.toml")) + [ROOT / "simulations" / "reproduce_smoke.toml"]:
         s = reproduce.load_setting(path)

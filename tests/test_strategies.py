@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from fedtune.adapters import ClientUpdate, GlobalAdapter, dense_delta, pad_factors
-from fedtune.config import ConfigError, config_from_dict
-from strategies import STRATEGIES, FedIT, FFALoRA, FlexLoRA, FLoRA, HetLoRA, strategy_class
+from fedtune.core.config import ConfigError, config_from_dict
+from fedtune.lora.factors import ClientUpdate, GlobalAdapter, dense_delta, pad_factors
+from strategies import (
+    STRATEGIES,
+    FedIT,
+    FFALoRA,
+    FlexLoRA,
+    FLoRA,
+    HetLoRA,
+    strategy_class,
+)
 from strategies.flexlora import aggregate_flexlora
 from strategies.flora import aggregate_flora
 from strategies.hetlora import aggregate_hetlora, product_norm
@@ -145,7 +153,7 @@ def test_unknown_strategy_option_names_the_key():
 
 
 def test_mask_aware_aggregation_averages_each_coordinate_over_its_holders(gen):
-    from fedtune.adapters import scale_for_holders
+    from fedtune.lora.factors import scale_for_holders
 
     a1, b1 = (t.float() for t in rand_factors(gen, 4))
     a2, b2 = (t.float() for t in rand_factors(gen, 4))
@@ -169,7 +177,7 @@ def test_mask_aware_aggregation_averages_each_coordinate_over_its_holders(gen):
 
 
 def test_column_pruning_and_coordinates_nobody_holds(gen):
-    from fedtune.adapters import scale_for_holders
+    from fedtune.lora.factors import scale_for_holders
 
     a1, b1 = (t.float() for t in rand_factors(gen, 2))
     keep = torch.ones(10, dtype=torch.bool)

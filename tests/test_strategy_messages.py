@@ -5,13 +5,19 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
-from fedtune.adapters import dense_delta
-from fedtune.config import config_from_dict
-from fedtune.records import factors_to_record, record_to_state, state_to_record
+from fedtune.core.config import config_from_dict
+from fedtune.lora.factors import dense_delta
+from fedtune.lora.records import factors_to_record, record_to_state, state_to_record
 from strategies import HetLoRA
-
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +149,8 @@ def test_a_crashed_client_is_recorded_and_all_bad_keeps_the_adapter(gen):
 
 
 def test_masks_that_do_not_match_the_model_are_rejected(gen):
-    from fedtune.pruning import LayerStructure, full_masks, masks_to_tensors
+    from fedtune.pruning.masks import masks_to_tensors
+    from fedtune.pruning.structure import LayerStructure, full_masks
 
     strat, state = setup(num_clients=2, ranks=(2,))
     strat.structure = [LayerStructure(layer=0, attn_in=("enc.0.q",), attn_out="", attn_rows={"enc.0.q": 3},

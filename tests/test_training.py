@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from fedtune.adapters import GlobalAdapter, adapter_rank, dense_delta
-from fedtune.config import config_from_dict
-from fedtune.data import cached_federated_data
-from fedtune.models import attach_lora, cached_base_model, detach_lora, lora_layers
-from fedtune.training import evaluate_global, head_state, lora_shapes, tokenize, train_local
+from fedtune.core.config import config_from_dict
+from fedtune.data.batching import tokenize
+from fedtune.data.partition import cached_federated_data
+from fedtune.lora.attach import attach_lora, detach_lora, lora_layers
+from fedtune.lora.factors import GlobalAdapter, adapter_rank, dense_delta
+from fedtune.models.loading import cached_base_model
+from fedtune.training.local import evaluate_global, head_state, lora_shapes, train_local
 from strategies import HetLoRA
 
 
@@ -78,7 +80,7 @@ def test_frozen_a_is_not_trained(bert):
 
 def test_loaded_factors_reproduce_the_product_through_peft_scaling(bert):
     cfg, base, _, _ = bert
-    from fedtune.models import load_factors, read_factors
+    from fedtune.lora.attach import load_factors, read_factors
 
     gen = torch.Generator().manual_seed(0)
     shapes = lora_shapes(base, cfg)
@@ -128,7 +130,7 @@ def test_causal_lm_reports_perplexity_and_trains():
 
 
 def test_label_log_prior_is_smoothed_log_frequency():
-    from fedtune.training import label_log_prior
+    from fedtune.data.batching import label_log_prior
 
     torch.testing.assert_close(label_log_prior([0, 0, 0, 1], 3), torch.tensor([4 / 7, 2 / 7, 1 / 7]).log())
 
@@ -137,7 +139,7 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(bert):
     """A client with 6 positives per negative: with the prior offset its head bias drifts much less."""
     import dataclasses
 
-    from fedtune.training import Tokenized
+    from fedtune.data.batching import Tokenized
 
     cfg, base, part, _ = bert
     pos = [i for i, y in enumerate(part.labels) if y == 1]
@@ -156,9 +158,10 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(bert):
 
 def test_chunked_causal_lm_loss_matches_transformers_loss_and_gradients():
     """The chunked cross-entropy equals transformers' loss and gives the same LoRA gradients."""
-    from fedtune.config import config_from_dict
-    from fedtune.models import attach_lora, cached_base_model, detach_lora, lora_layers
-    from fedtune.training import chunked_causal_lm_loss
+    from fedtune.core.config import config_from_dict
+    from fedtune.lora.attach import attach_lora, detach_lora, lora_layers
+    from fedtune.models.loading import cached_base_model
+    from fedtune.training.loss import chunked_causal_lm_loss
 
     cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 32}})
     base = cached_base_model(cfg.model, cfg.seed)
@@ -187,7 +190,7 @@ def test_chunked_causal_lm_loss_matches_transformers_loss_and_gradients():
 
 
 def test_fused_linear_cross_entropy_gradients_for_every_input():
-    from fedtune.training import _LinearCrossEntropy
+    from fedtune.training.loss import _LinearCrossEntropy
 
     gen = torch.Generator().manual_seed(3)
     h = torch.randn(23, 8, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -22,13 +22,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.config import config_from_dict
-    from fedtune.data import cached_federated_data
-    from fedtune.deployed import complete_masks
-    from fedtune.models import cached_base_model
-    from fedtune.pruning import full_masks, model_structure, prune_step
-    from fedtune.training import _collate, evaluate_global, head_state, lora_shapes, tokenize
+    from fedtune.core.config import config_from_dict
+    from fedtune.data.batching import collate, tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.pruning.completion import complete_masks
+    from fedtune.pruning.importance import prune_step
+    from fedtune.pruning.structure import full_masks, model_structure
+    from fedtune.training.local import evaluate_global, head_state, lora_shapes
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     cfg = config_from_dict({"model": {"name": "smollm2-135m", "task": "causal-lm", "max_length": 48},
@@ -38,7 +40,7 @@ def main() -> None:
     fed = cached_federated_data(cfg.data, "causal-lm", 8, 0, 2)
     held_out = tokenize(fed.eval, base.tokenizer, "causal-lm", 48)
     own = tokenize(fed.partition(0), base.tokenizer, "causal-lm", 48)
-    calib = {k: v for k, v in _collate(own, list(range(min(32, len(own)))), base.tokenizer.pad_token_id,
+    calib = {k: v for k, v in collate(own, list(range(min(32, len(own)))), base.tokenizer.pad_token_id,
                                        "causal-lm").items() if k != "labels"}
     state = GlobalAdapter(adapter={m: (torch.zeros(4, i), torch.zeros(o, 4)) for m, (o, i) in lora_shapes(base, cfg).items()},
                           head=head_state(base))

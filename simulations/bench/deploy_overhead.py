@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 def measure(worker: bool, rounds: int, out: Path) -> dict:
     import dataclasses
 
-    from fedtune.config import load_config
-    from fedtune.deploy import deploy
+    from fedtune.core.config import load_config
+    from fedtune.deploy.processes import deploy
 
     cfg = load_config(ROOT / "simulations" / "deploy.toml")
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, num_rounds=rounds))

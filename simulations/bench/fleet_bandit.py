@@ -59,8 +59,8 @@ def speedup(results: dict, target: str) -> dict:
 def main() -> None:
     import reproduce
 
-    from fedtune.clock import time_to_target
-    from fedtune.compare import run_stats
+    from fedtune.core.metric import time_to_target
+    from fedtune.reporting.comparison import run_stats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", type=Path, default=ROOT / "simulations" / "fedspine" / "minilm-s30.toml")

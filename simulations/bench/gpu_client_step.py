@@ -6,7 +6,7 @@ decoder, batches of 8 x 1024 tokens and AdamW, it measures tokens/s and peak GPU
 
 - the bare loop a user would write: ``get_peft_model`` + ``model(input_ids, labels=...)`` +
   ``loss.backward()`` + ``AdamW.step()``, and
-- fedtune's client trainer, :func:`fedtune.training.train_local` (the code a client runs in a
+- fedtune's client trainer, :func:`fedtune.training.local.train_local` (the code a client runs in a
   federation: LoRA injected into the shared base model, chunked vocabulary cross-entropy),
 
 for a bf16 base, NF4 and int8 bases (bitsandbytes) and a 50%-pruned bf16 base (half the KV
@@ -96,7 +96,9 @@ def build_model(base: str, shape: dict, device: str, dtype: torch.dtype, tmp: Pa
     else:
         model = LlamaForCausalLM(cfg).to(dtype).to(device)
         if base == "pruned50":
-            from fedtune.pruning import full_masks, model_structure, prune_step, slice_model
+            from fedtune.pruning.importance import prune_step
+            from fedtune.pruning.slicing import slice_model
+            from fedtune.pruning.structure import full_masks, model_structure
 
             structure = model_structure(model)
             gen = torch.Generator().manual_seed(1)
@@ -143,11 +145,12 @@ def bare_loop(model, shape: dict, device: str, steps: int, warmup: int, lr: floa
 
 
 def fedtune_loop(model, base_name: str, shape: dict, device: str, steps: int, warmup: int, lr: float) -> dict:
-    """fedtune's client trainer (fedtune.training.train_local) on the same model."""
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.config import config_from_dict
-    from fedtune.models import BaseModel
-    from fedtune.training import Tokenized, train_local
+    """fedtune's client trainer (fedtune.training.local.train_local) on the same model."""
+    from fedtune.core.config import config_from_dict
+    from fedtune.data.batching import Tokenized
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import BaseModel
+    from fedtune.training.local import train_local
 
     cfg = config_from_dict({
         "model": {"name": f"bench-{base_name}", "task": "causal-lm", "max_length": shape["seq"]},

@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    from fedtune.config import config_from_dict
-    from fedtune.simulation import preflight, simulate
+    from fedtune.core.config import config_from_dict
+    from fedtune.engine.simulation import preflight, simulate
 
     cfg = config_from_dict({"name": "overhead"}, [
         f"federation.num_clients={args.clients}", f"federation.num_rounds={args.rounds}",

@@ -38,7 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def experiment(model: str, extra: list[str]) -> Any:
-    from fedtune.config import config_from_dict
+    from fedtune.core.config import config_from_dict
 
     task = "classification" if model == "minilm" else "causal-lm"
     dataset = "rotten-tomatoes" if model == "minilm" else "chatterbot"
@@ -58,11 +58,17 @@ def run_one(model: str, method: str | None, target: float, prune_steps: int, rec
     """Train (and prune) one configuration; returns metrics and the final state and masks."""
     import torch
 
-    from fedtune.adapters import GlobalAdapter
-    from fedtune.data import cached_federated_data
-    from fedtune.models import cached_base_model
-    from fedtune.prune_tune import PruneSpec
-    from fedtune.training import evaluate_global, head_state, lora_shapes, tokenize, train_local
+    from fedtune.data.batching import tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.pruning.prune_and_tune import PruneSpec
+    from fedtune.training.local import (
+        evaluate_global,
+        head_state,
+        lora_shapes,
+        train_local,
+    )
     from strategies import HetLoRA
 
     torch.set_num_threads(1)
@@ -128,7 +134,7 @@ def main() -> None:
     ap.add_argument("--set", dest="extra", action="append", default=[])
     args = ap.parse_args()
 
-    from fedtune.export import export_pruned_model, load_pruned_model
+    from fedtune.pruning.export import export_pruned_model, load_pruned_model
 
     model = "smollm2-135m" if args.smollm2 else "minilm"
     out_path = args.out or ROOT / "simulations" / "results" / ("pruning_smollm2.json" if args.smollm2 else "pruning.json")
@@ -153,8 +159,8 @@ def main() -> None:
         "unpruned": {metric: unpruned["after"][metric]},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        from fedtune.models import cached_base_model
-        from fedtune.pruning import full_masks, model_structure
+        from fedtune.models.loading import cached_base_model
+        from fedtune.pruning.structure import full_masks, model_structure
 
         ref_dir = Path(tmp) / "unpruned"  # runs[0] is the unpruned baseline: export it with all-kept masks
         structure = model_structure(cached_base_model(cfg.model, cfg.seed).model)

@@ -1,0 +1,108 @@
+"""Federated data: a held-out evaluation split and one partition per client.
+
+Partitioning uses Flower Datasets' partitioners (IID, Dirichlet, ...) over the corpus as a
+``datasets.Dataset``; the corpus is loaded and partitioned once per process and cached under
+its (data config, task, clients, seed) key.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from fedtune.core.config import ConfigError, DataConfig
+from fedtune.data.corpora import load_corpus
+
+__all__ = ["split_corpus", "make_partitioner", "FederatedData", "cached_federated_data"]
+
+
+def split_corpus(ds: Any, eval_size: int, seed: int) -> tuple[Any, Any]:
+    """Seeded shuffle, then (train, held-out server eval of ``eval_size`` examples)."""
+    if eval_size >= len(ds):
+        raise ConfigError(f"data.eval_size: {eval_size} leaves no training data (corpus has {len(ds)})")
+    ds = ds.shuffle(seed=seed)
+    return ds.select(range(eval_size, len(ds))), ds.select(range(eval_size))
+
+
+def _partitioners() -> dict[str, type]:
+    import flwr_datasets.partitioner as P
+
+    table = {
+        "iid": P.IidPartitioner,
+        "dirichlet": P.DirichletPartitioner,
+        "natural-id": P.NaturalIdPartitioner,
+        "shard": P.ShardPartitioner,
+        "pathological": P.PathologicalPartitioner,
+        "linear": P.LinearPartitioner,
+        "square": P.SquarePartitioner,
+        "exponential": P.ExponentialPartitioner,
+        "inner-dirichlet": P.InnerDirichletPartitioner,
+        "size": P.SizePartitioner,
+        "id-to-size": P.IdToSizeFncPartitioner,
+        "continuous": getattr(P, "ContinuousPartitioner", None),
+        "semantic": getattr(P, "SemanticPartitioner", None),
+    }
+    return {k: v for k, v in table.items() if v is not None}
+
+
+def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:
+    """Build a flwr-datasets partitioner from the config; unknown kwargs name their key."""
+    table = _partitioners()
+    if cfg.partitioner not in table:
+        raise ConfigError(f"data.partitioner: unknown partitioner {cfg.partitioner!r} (known: {', '.join(table)})")
+    cls = table[cfg.partitioner]
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "num_partitions" in params:
+        kwargs["num_partitions"] = num_partitions
+    if "partition_by" in params:
+        kwargs["partition_by"] = cfg.partition_by
+    if "seed" in params:
+        kwargs["seed"] = seed
+    if cfg.partitioner == "dirichlet":
+        kwargs.update(alpha=1.0, min_partition_size=10, self_balancing=True)
+    for key, value in cfg.partitioner_args.items():
+        if key not in params:
+            raise ConfigError(f"data.partitioner_args.{key}: not an argument of {cls.__name__}"
+                              f" (arguments: {', '.join(p for p in params if p != 'self')})")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"data.partitioner_args: {cls.__name__}: {exc}") from exc
+
+
+class FederatedData:
+    """A corpus split into the server's held-out set and per-client partitions."""
+
+    def __init__(self, cfg: DataConfig, task: str, num_clients: int, seed: int, num_labels: int | None = None):
+        self.cfg = cfg
+        corpus = load_corpus(cfg, task, num_labels)
+        self.train, self.eval = split_corpus(corpus, cfg.eval_size, seed)
+        self.partitioner = make_partitioner(cfg, num_clients, seed)
+        self.partitioner.dataset = self.train
+        self.num_clients = num_clients
+        n_parts = self.partitioner.num_partitions
+        if n_parts != num_clients:
+            raise ConfigError(f"federation.num_clients: {num_clients} clients but partitioner"
+                              f" {cfg.partitioner!r} over {cfg.partition_by!r} makes {n_parts} partitions")
+
+    def partition(self, client_id: int) -> Any:
+        if not 0 <= client_id < self.num_clients:
+            raise ValueError(f"client id {client_id} outside [0, {self.num_clients})")
+        try:
+            return self.partitioner.load_partition(client_id)
+        except ValueError as exc:
+            raise ConfigError(f"data.partitioner_args: partitioning failed for {self.cfg.partitioner!r}: {exc}") from exc
+
+
+_DATA_CACHE: dict[tuple[Any, ...], FederatedData] = {}
+
+
+def cached_federated_data(cfg: DataConfig, task: str, num_clients: int, seed: int,
+                          num_labels: int | None = None) -> FederatedData:
+    """Process-wide cache: the corpus is read and partitioned once per worker."""
+    key = (repr(cfg), task, num_clients, seed, num_labels)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = FederatedData(cfg, task, num_clients, seed, num_labels)
+    return _DATA_CACHE[key]

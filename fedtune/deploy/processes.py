@@ -1,0 +1,254 @@
+"""A local Flower deployment as processes: the docker-compose topology on loopback.
+
+``fedtune deploy`` starts a SuperLink and N SuperNodes as processes on 127.0.0.1 (the
+same topology as ``docker-compose.yml``), with TLS and SuperNode authentication on by
+default: certificates are generated into the deployment directory (:func:`generate_certificates`),
+each SuperNode gets its own P-384 key pair (:func:`generate_node_keys`) and is registered
+with ``flwr supernode register`` before it starts, so only registered nodes are admitted.
+Each SuperNode's ``--node-config`` carries its ``partition-id`` and ``device`` class.
+Then ``flwr run`` submits the app and the run's status is read back from Flower
+(``flwr ls --run-id``): ``finished:completed`` is success.
+
+Secrets (private keys) are written with mode 0600 under the deployment directory and never
+logged; ``.gitignore`` keeps ``runs/`` and ``certificates/`` out of the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.deploy.certificates import generate_certificates, generate_node_keys
+
+__all__ = ["LocalDeployment", "NodeSpec", "flwr_env"]
+
+
+APP_DIR = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flwr_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: this venv's bin first (SuperLink/SuperNode spawn
+    ``flower-superexec`` from PATH), no telemetry, no update checks, no runtime installs."""
+    bindir = os.path.dirname(sys.executable)
+    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+@dataclass
+class NodeSpec:
+    partition_id: int
+    num_partitions: int
+    device: str = ""
+    worker: bool = True  # train in the node's persistent worker (clients/worker.py), not per-message processes
+
+    def node_config(self) -> str:
+        cfg = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
+        cfg += f' device="{self.device}"' if self.device else ""
+        return cfg + (" client-worker=true" if self.worker else "")
+
+
+@dataclass
+class LocalDeployment:
+    """SuperLink + SuperNodes as processes on loopback; a context manager that stops them all."""
+
+    work_dir: Path
+    nodes: list[NodeSpec]
+    tls: bool = True
+    auth: bool = True
+    port: int = 0
+    connection: str = "fedtune-local"
+    env_extra: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir).resolve()
+        self.home = self.work_dir / "flwr-home"
+        self.logs = self.work_dir / "logs"
+        self.port = self.port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.certs: dict[str, Path] = {}
+        self.keys: dict[str, tuple[Path, Path]] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flwr_env(self.home, {"FEDTUNE_WORKER_DIR": str(self.work_dir / "workers"), **self.env_extra})
+
+    def _bin(self, name: str) -> str:
+        return os.path.join(os.path.dirname(sys.executable), name)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def write_connection(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
+                 f'address = "{self.address}"']
+        lines += [f'root-certificates = "{self.certs["ca"]}"'] if self.tls else ["insecure = true"]
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([self._bin("flwr"), *args], env=self.env, cwd=APP_DIR, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start_superlink(self) -> None:
+        if self.tls and not self.certs:
+            self.certs = generate_certificates(self.work_dir / "certificates")
+        self.write_connection()
+        args = [self._bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(self.work_dir / "state.db"), "--disable-runtime-dependency-installation"]
+        args += (["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                  "--ssl-keyfile", str(self.certs["key"])] if self.tls else ["--insecure"])
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        self._spawn("superlink", args)
+        self.wait_for_port(self.port, "superlink")
+
+    def wait_for_port(self, port: int, name: str, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} did not listen on port {port} within {timeout:.0f}s")
+
+    def register(self, name: str) -> tuple[Path, Path]:
+        """Create and register a SuperNode key pair; returns (private, public)."""
+        private, public = generate_node_keys(self.work_dir / "keys", [name])[name]
+        proc = self.flwr("supernode", "register", str(public), self.connection, "--format", "json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"registering SuperNode {name} failed: {(proc.stdout + proc.stderr)[-800:]}")
+        self.keys[name] = (private, public)
+        return private, public
+
+    def start_supernode(self, name: str, spec: NodeSpec, *, register: bool = True) -> subprocess.Popen:
+        """Start one SuperNode; with auth on, it is registered first unless ``register=False``."""
+        args = [self._bin("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1",
+                "--port", str(free_port()), "--node-config", spec.node_config(), "--max-retries", "3",
+                "--max-wait-time", "30"]
+        if self.tls:  # TLS to the SuperLink, and on the SuperNode's own API its ClientApp processes use
+            args += ["--root-certificates", str(self.certs["ca"]), "--ssl-ca-certfile", str(self.certs["ca"]),
+                     "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"])]
+        else:
+            args.append("--insecure")
+        if self.auth:
+            if register:
+                private, public = self.register(name)
+            else:  # a node with keys the SuperLink never saw
+                private, public = generate_node_keys(self.work_dir / "keys", [name])[name]
+            args += ["--auth-supernode-private-key", str(private)]  # the public key is derived from it
+        return self._spawn(name, args)
+
+    def start(self) -> LocalDeployment:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.start_superlink()
+        for i, spec in enumerate(self.nodes):
+            self.start_supernode(f"supernode-{i}", spec)
+        return self
+
+    def start_run(self, run_config: dict[str, Any]) -> int:
+        """``flwr run`` the app with ``run_config``; returns the run id (the run goes on in the SuperLink)."""
+        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        proc = self.flwr("run", str(APP_DIR), self.connection, "--run-config", rc, "--format", "json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
+        return int(json.loads(proc.stdout)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        proc = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr ls failed: {(proc.stdout + proc.stderr)[-800:]}")
+        runs = json.loads(proc.stdout)["runs"]
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        for pid_file in (self.work_dir / "workers").glob("*.pid"):  # the nodes' training workers
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:
+    """One SuperNode per client: partition i of ``nodes``, device class from the fleet mix if any."""
+    devices = [name for name, count in cfg.fleet.devices.items() for _ in range(count)]
+    return [NodeSpec(i, nodes, devices[i % len(devices)] if devices else "", worker) for i in range(nodes)]
+
+
+def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool = True, worker: bool = True,
+           resume: bool = False, timeout: float = 3600, say: Any = print) -> tuple[str, LocalDeployment]:
+    """Start the topology, run ``cfg`` on it, stream its progress, stop everything; returns the run status."""
+    from fedtune.core.config import config_to_toml
+    from fedtune.round.outputs import format_progress
+
+    n = cfg.federation.num_clients
+    work_dir.mkdir(parents=True, exist_ok=True)
+    experiment = work_dir / "experiment.toml"
+    experiment.write_text(config_to_toml(cfg))
+    dep = LocalDeployment(work_dir, node_specs(cfg, n, worker), tls=tls, auth=auth)
+    say(f"[fedtune] deploying on {dep.address}: SuperLink + {n} SuperNodes"
+        f" (TLS {'on' if tls else 'off'}, SuperNode auth {'on' if auth else 'off'},"
+        f" {'persistent' if worker else 'per-message'} client workers); logs in {dep.logs}")
+    with dep:
+        run_id = dep.start_run({"experiment": str(experiment), "out-dir": str(out.resolve()), "resume": resume})
+        say(f"[fedtune] run {run_id} submitted; outputs in {out}")
+        metrics, status = out / "metrics.jsonl", "unknown"
+        shown = len(metrics.read_text().splitlines()) if resume and metrics.is_file() else 0
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = dep.status(run_id)
+            if metrics.is_file():
+                lines = metrics.read_text().splitlines()
+                for line in lines[shown:]:
+                    say(f"[fedtune] {format_progress(json.loads(line), cfg.federation.num_rounds)}")
+                shown = len(lines)
+            if status.startswith("finished"):
+                break
+            time.sleep(2.0)
+        say(f"[fedtune] run {run_id}: {status}")
+    return status, dep

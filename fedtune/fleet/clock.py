@@ -1,0 +1,118 @@
+"""The simulated fleet clock: which clients are available, what a client-round costs on
+its device, who runs out of memory or misses the deadline, and how long a round lasts.
+
+A synchronous round lasts as long as its slowest surviving client, or the deadline when
+stragglers were dropped. Costs follow :mod:`fedtune.fleet.cost` from the client's actual work
+(steps and tokens it reports, its rank, its pruned shapes, the bytes really sent each
+way). Randomness (availability, speed jitter) is seeded by ``(seed, round, client)``.
+Only the server-side simulator reads device profiles; policies see the outcomes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedtune.core.config import ExperimentConfig
+from fedtune.fleet.cost import (
+    ClientCost,
+    ModelShape,
+    client_round_cost,
+    model_shape,
+    peak_memory_bytes,
+    train_flops,
+)
+from fedtune.fleet.devices import DeviceProfile, build_fleet, load_profiles
+from fedtune.pruning.structure import LayerStructure, Masks
+
+__all__ = ["FleetSimulator"]
+
+
+def _rng(seed: int, server_round: int, client_id: int, salt: int) -> random.Random:
+    return random.Random(((seed * 1_000_003 + server_round) * 10_007 + client_id) * 31 + salt)
+
+
+@dataclass
+class FleetSimulator:
+    cfg: ExperimentConfig
+    devices: list[DeviceProfile]
+    model_config: Any
+    structure: list[LayerStructure]
+    embedding_params: int
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
+    declared: dict[int, DeviceProfile] = field(default_factory=dict)  # device classes nodes declared
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, model: Any, structure: list[LayerStructure]) -> FleetSimulator:
+        profiles = load_profiles(cfg.fleet.profiles or None)
+        devices = build_fleet(cfg.fleet.devices, profiles)
+        prunable = sum(o * i for shapes in model_shape(model.config, structure).layers for o, i in shapes.values())
+        total = sum(p.numel() for p in model.parameters())
+        return cls(cfg, devices, model.config, structure, total - prunable, profiles)
+
+    def declare(self, client_id: int, device: str) -> None:
+        """A deployed node's own device class (its ``device`` node config) replaces the mix's."""
+        if device not in self.profiles:
+            raise ValueError(f"client {client_id} declares unknown device {device!r}"
+                             f" (known: {', '.join(sorted(self.profiles))})")
+        self.declared[client_id] = self.profiles[device]
+
+    def device(self, client_id: int) -> DeviceProfile:
+        if client_id in self.declared:
+            return self.declared[client_id]
+        return self.devices[client_id % len(self.devices)]
+
+    def available(self, client_id: int, server_round: int) -> bool:
+        if not self.cfg.fleet.simulate_availability:
+            return True
+        return _rng(self.cfg.seed, server_round, client_id, 1).random() < self.device(client_id).availability
+
+    def speed_factor(self, client_id: int, server_round: int) -> float:
+        jitter = self.device(client_id).jitter
+        return math.exp(_rng(self.cfg.seed, server_round, client_id, 2).gauss(0.0, jitter)) if jitter else 1.0
+
+    # Costs assume LoRA on every prunable module (lora_modules=None): the conservative, largest estimate.
+
+    def shape(self, masks: Masks | None) -> ModelShape:
+        return model_shape(self.model_config, self.structure, masks, self.embedding_params)
+
+    def peak_gb(self, shape: ModelShape, rank: int, batch: int, seq: int, quantization: str = "none") -> float:
+        head = 0 if self.cfg.model.task != "classification" else shape.hidden * (self.cfg.model.num_labels + 1)
+        return peak_memory_bytes(shape, batch, seq, rank, quantization, None, trainable_extra=head) / 1e9
+
+    def quantization(self, client_id: int, rank: int, masks: Masks | None) -> str:
+        """The client's base-weight width: its device class's setting, or with ``auto`` the widest
+        (none, then int8, then nf4) whose predicted peak memory fits the device (FedPipe)."""
+        mc, dev = self.cfg.model, self.device(client_id)
+        if dev.name in mc.quantization_by_device:
+            return mc.quantization_by_device[dev.name]
+        if mc.quantization != "auto":
+            return mc.quantization
+        shape = self.shape(masks)
+        for width in ("none", "int8", "nf4"):
+            if self.peak_gb(shape, rank, self.cfg.train.batch_size, mc.max_length, width) <= dev.memory_gb:
+                return width
+        return "nf4"  # nothing fits: the narrowest, and the precheck reports the OOM
+
+    def precheck(self, client_id: int, rank: int, masks: Masks | None) -> str | None:
+        """The OOM reason for this configuration at the worst-case sequence length, else None."""
+        dev = self.device(client_id)
+        gb = self.peak_gb(self.shape(masks), rank, self.cfg.train.batch_size, self.cfg.model.max_length,
+                          self.quantization(client_id, rank, masks))
+        if gb > dev.memory_gb:
+            return f"out of memory on {dev.name}: needs {gb:.2f} GB, has {dev.memory_gb:.2f} GB"
+        return None
+
+    def cost(self, client_id: int, server_round: int, *, rank: int, masks: Masks | None, steps: int,
+             tokens: int, bytes_down: int, bytes_up: int) -> ClientCost:
+        batch = self.cfg.train.batch_size
+        seq = max(1, round(tokens / max(steps * batch, 1)))
+        shape = self.shape(masks)
+        flops = train_flops(shape, batch, seq, rank, None, causal_lm=self.cfg.model.task != "classification")
+        return client_round_cost(self.device(client_id), flops_per_step=flops, steps=steps, bytes_down=bytes_down,
+                                 bytes_up=bytes_up,
+                                 peak_bytes=self.peak_gb(shape, rank, batch, seq,
+                                                         self.quantization(client_id, rank, masks)) * 1e9,
+                                 dtype=self.cfg.fleet.dtype, speed_factor=self.speed_factor(client_id, server_round))

@@ -1,0 +1,218 @@
+"""Local LoRA training on a client and evaluation of a global adapter.
+
+Both run on the process-wide cached base model: LoRA layers of the requested rank are
+injected, loaded from fedtune factors (:mod:`fedtune.lora.factors` conventions), used, read
+back and removed, so one worker serves any number of clients of any rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune.core.config import ExperimentConfig
+from fedtune.data.batching import Tokenized, batches, collate, label_log_prior
+from fedtune.lora.attach import (
+    add_frozen_delta,
+    attach_lora,
+    detach_lora,
+    load_factors,
+    lora_layers,
+    module_shapes,
+    read_factors,
+)
+from fedtune.lora.factors import Factors, GlobalAdapter, adapter_rank
+from fedtune.models.loading import BaseModel
+from fedtune.pruning.prune_and_tune import PruneAndTune, PruneSpec
+from fedtune.pruning.structure import Masks, apply_masks, model_structure, sparsity
+from fedtune.training.loss import chunked_causal_lm_loss
+
+__all__ = ["LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
+
+
+@dataclass
+class LocalResult:
+    factors: Factors
+    head: dict[str, torch.Tensor]
+    train_loss: float  # mean loss over the local steps
+    num_examples: int
+    train_time_s: float  # wall time of the local steps (excludes message handling)
+    steps: int
+    tokens: int = 0  # token positions processed (padded batches), for the cost model
+    loss_start: float = float("nan")  # mean loss of the first quarter of the steps
+    loss_end: float = float("nan")  # mean loss of the last quarter
+    masks: Masks | None = None  # pruning masks after this round (True = kept)
+    scores: dict[int, dict[str, torch.Tensor]] | None = None  # EMA group importance
+    sparsity: float = 0.0  # fraction of prunable parameters removed
+
+
+def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
+    """Inject LoRA at ``rank``, load the state's factors and head, hook its frozen part."""
+    peft_model = attach_lora(base, rank, cfg.lora, cfg.prunes)
+    try:
+        if state.adapter:
+            load_factors(peft_model, state.adapter)
+        params = dict(peft_model.base_model.model.named_parameters())
+        with torch.no_grad():
+            for name, t in state.head.items():
+                if name not in params:
+                    raise KeyError(f"head tensor {name!r} is not a parameter of the base model")
+                params[name].copy_(t)
+        handles = add_frozen_delta(peft_model, state.frozen) if state.frozen else []
+    except Exception:
+        _release(peft_model, base, [], {})
+        raise
+    return peft_model, handles
+
+
+def _release(peft_model: Any, base: BaseModel, handles: list[Any], head: dict[str, torch.Tensor]) -> None:
+    """Undo :func:`_prepare`: remove hooks and LoRA layers, restore the base's own head."""
+    for h in handles:
+        h.remove()
+    peft_model.eval()
+    detach_lora(peft_model, base)
+    params = dict(base.model.named_parameters())
+    with torch.no_grad():
+        for name, t in head.items():
+            params[name].copy_(t)
+
+
+def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: ExperimentConfig,
+                *, train_a: bool = True, seed: int = 0, prune: PruneSpec | None = None,
+                masks: Masks | None = None, scores: dict[int, dict[str, torch.Tensor]] | None = None,
+                steps: int | None = None) -> LocalResult:
+    """Train a rank-``rank`` adapter started from ``state`` for ``cfg.train.local_steps`` steps.
+
+    With ``prune``, the client prunes toward ``prune.target`` while it trains (prune-and-
+    tune), starting from its previous ``masks`` and importance ``scores``; pruned
+    structures stay masked (``masks`` without ``prune`` are applied but not extended).
+    """
+    if len(data) == 0:
+        raise ValueError("client has no training examples")
+    if state.adapter and adapter_rank(state.adapter) != rank:
+        raise ValueError(f"payload adapter rank {adapter_rank(state.adapter)} != assigned rank {rank}")
+    own_head = head_state(base)
+    peft_model, handles = _prepare(base, state, rank, cfg)
+    try:
+        inner = peft_model.base_model.model
+        trainable = []
+        for name, p in inner.named_parameters():
+            is_a, is_b = ".lora_A." in name, ".lora_B." in name
+            train = (is_a and train_a) or is_b or name in base.head_names
+            p.requires_grad_(train)
+            if train:
+                trainable.append(p)
+        opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        log_prior = None
+        if base.config.task == "classification" and cfg.train.logit_adjustment > 0:
+            log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
+            log_prior = log_prior.to(base.device)
+        gen = torch.Generator().manual_seed(seed)
+        pad_id = base.tokenizer.pad_token_id
+        n_steps = steps or cfg.train.local_steps
+        pruner = None
+        if prune is not None or masks is not None:
+            pruner = PruneAndTune(inner, lora_layers(peft_model), model_structure(inner),
+                                  prune or PruneSpec(target=0.0), n_steps, masks=masks, scores=scores, seed=seed)
+            pruner.enforce()
+        if cfg.train.gradient_checkpointing:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.enable_input_require_grads()
+        peft_model.train()
+        losses = []
+        tokens = 0
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout draws from the global generator
+            for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
+                batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task).items()}
+                tokens += batch["input_ids"].numel()
+                chunk = cfg.train.loss_chunk_tokens
+                if base.config.task == "causal-lm" and 0 < chunk < batch["input_ids"].numel():
+                    loss = chunked_causal_lm_loss(inner, batch["input_ids"], batch["attention_mask"],
+                                                  batch["labels"], cfg.train.loss_chunk_tokens)
+                elif log_prior is None:
+                    loss = peft_model(**batch).loss
+                else:
+                    labels = batch.pop("labels")
+                    logits = peft_model(**batch).logits
+                    loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if pruner is not None:
+                    pruner.observe()
+                opt.step()
+                if pruner is not None:
+                    pruner.after_step(step)
+                losses.append(float(loss.detach()))
+        elapsed = time.perf_counter() - t0
+        factors = read_factors(peft_model)
+        head = {n: p.detach().float().cpu().clone() for n, p in inner.named_parameters() if n in base.head_names}
+    finally:
+        if pruner is not None:
+            pruner.close()
+        if cfg.train.gradient_checkpointing:
+            inner.gradient_checkpointing_disable()
+            inner.disable_input_require_grads()
+        _release(peft_model, base, handles, own_head)
+    k = max(1, len(losses) // 4)
+    result = LocalResult(factors=factors, head=head, train_loss=sum(losses) / len(losses), num_examples=len(data),
+                         train_time_s=elapsed, steps=len(losses), tokens=tokens,
+                         loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k)
+    if pruner is not None:
+        result.masks, result.scores = pruner.masks, pruner.scores
+        result.sparsity = sparsity(pruner.structure, pruner.masks, base.model.config.hidden_size)
+    return result
+
+
+@torch.no_grad()
+def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: ExperimentConfig,
+                    masks: Masks | None = None) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal LM) of a global state
+    (with ``masks``: of the pruned model those masks describe)."""
+    rank = adapter_rank(state.adapter) or 1
+    own_head = head_state(base)
+    peft_model, handles = _prepare(base, state, rank, cfg)
+    if masks is not None:
+        handles = handles + apply_masks(peft_model.base_model.model, model_structure(base.model), masks)
+    try:
+        peft_model.eval()
+        pad_id = base.tokenizer.pad_token_id
+        total_loss, total_tokens, correct = 0.0, 0, 0
+        bs = cfg.train.eval_batch_size
+        for start in range(0, len(data), bs):
+            idx = list(range(start, min(start + bs, len(data))))
+            batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task).items()}
+            out = peft_model(**batch)
+            if base.config.task == "classification":
+                total_loss += float(out.loss) * len(idx)
+                total_tokens += len(idx)
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                n_tok = int((batch["labels"][:, 1:] != -100).sum())
+                total_loss += float(out.loss) * n_tok
+                total_tokens += n_tok
+    finally:
+        _release(peft_model, base, handles, own_head)
+    loss = total_loss / max(total_tokens, 1)
+    if base.config.task == "classification":
+        return {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def lora_shapes(base: BaseModel, cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every module LoRA targets in this base model."""
+    peft_model = attach_lora(base, 1, cfg.lora, cfg.prunes)
+    try:
+        return module_shapes(peft_model)
+    finally:
+        detach_lora(peft_model, base)
+
+
+def head_state(base: BaseModel) -> dict[str, torch.Tensor]:
+    params = dict(base.model.named_parameters())
+    return {n: params[n].detach().float().cpu().clone() for n in base.head_names}

@@ -1,7 +1,7 @@
 """The fedtune ClientApp: message in -> local LoRA training on the cached base model -> reply out.
 
-The server ships the resolved experiment config (TOML) in every train message, so the
-same ClientApp serves Ray simulations and real SuperNodes without local configuration.
+Every train message carries what the client needs for its round (:class:`fedtune.core.protocol.TrainRequest`),
+so the same ClientApp serves Ray simulations and real SuperNodes without local configuration.
 A node's client id is its ``partition-id`` node config (set by Flower's simulation engine,
 or ``--node-config "partition-id=3 num-partitions=20"`` on a SuperNode), and its device
 class, reported to the server, is its ``device`` node config.
@@ -26,6 +26,8 @@ import traceback
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedtune.core.protocol import CONFIG, METRICS, NodeIdentity
 
 __all__ = ["app", "client_id_of"]
 
@@ -67,8 +69,8 @@ def _error_reply(msg: Message, client_id: int, exc: BaseException) -> Message:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    info = {"client-id": client_id_of(context), "device": str(context.node_config.get("device", ""))}
-    return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
+    info = NodeIdentity(client_id=client_id_of(context), device=str(context.node_config.get("device", "")))
+    return Message(RecordDict({CONFIG: ConfigRecord(info.to_config())}), reply_to=msg)
 
 
 @app.train()
@@ -89,8 +91,8 @@ def train(msg: Message, context: Context) -> Message:
             from clients.local import handle_train
 
             content = handle_train(msg.content, dict(context.node_config), context.state, client_id)
-        metrics: MetricRecord = content["metrics"]
-        metrics["process-s"] = _process_age_s(in_ray)  # this ClientApp process's age when the reply is ready
+        metrics: MetricRecord = content[METRICS]
+        metrics["process_s"] = _process_age_s(in_ray)  # this ClientApp process's age when the reply is ready
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a crashed client must not crash the round
         return _error_reply(msg, client_id, exc)

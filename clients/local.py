@@ -9,25 +9,35 @@ are loaded once per process and reused.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedtune.core.config import ExperimentConfig, ModelConfig, config_from_dict
+from fedtune.core.protocol import (
+    ARRAYS,
+    CONFIG,
+    INFO,
+    MASKS,
+    METRICS,
+    NODE_STATE_PRUNE,
+    ClientSetup,
+    ReplyInfo,
+    TrainMetrics,
+    TrainRequest,
+)
 from fedtune.data.batching import Tokenized, tokenize
 from fedtune.data.partition import cached_federated_data
 from fedtune.lora.factors import Factors
 from fedtune.lora.records import factors_to_record, record_to_state
 from fedtune.models.loading import cached_base_model
 from fedtune.pruning.masks import masks_from_tensors, masks_to_tensors
-from fedtune.pruning.prune_and_tune import PruneSpec
 from fedtune.pruning.structure import Masks
 from fedtune.training.local import train_local
 
@@ -36,24 +46,22 @@ __all__ = ["handle_train", "inject_fault"]
 LOG = logging.getLogger("fedtune.client")
 
 
-@functools.lru_cache(maxsize=8)
-def _experiment(text: str) -> ExperimentConfig:
-    import tomllib
-
-    return config_from_dict(tomllib.loads(text))
+_PARTITIONS: OrderedDict[tuple[str, int], Tokenized] = OrderedDict()
+_MAX_PARTITIONS = 64  # a worker serving many virtual clients keeps the most recently used ones
 
 
-def _model_config(cfg: ExperimentConfig, quantization: str) -> ModelConfig:
-    """The experiment's model with this client's base-weight width (the server's choice)."""
-    return dataclasses.replace(cfg.model, quantization=quantization, quantization_by_device={})
-
-
-@functools.lru_cache(maxsize=64)
-def _client_data(experiment_toml: str, client_id: int, quantization: str) -> Tokenized:
-    cfg = _experiment(experiment_toml)
-    base = cached_base_model(_model_config(cfg, quantization), cfg.seed)  # for its tokenizer
-    fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
-    return tokenize(fed.partition(client_id), base.tokenizer, cfg.model.task, cfg.model.max_length)
+def client_partition(setup: ClientSetup, client_id: int) -> Tokenized:
+    """The client's tokenised partition, built once per process for a (setup, client) key."""
+    key = (json.dumps(setup.to_config(), sort_keys=True), client_id)
+    if key in _PARTITIONS:
+        _PARTITIONS.move_to_end(key)
+        return _PARTITIONS[key]
+    base = cached_base_model(setup.model, setup.seed)  # for its tokenizer
+    fed = cached_federated_data(setup.data, setup.model.task, setup.num_clients, setup.seed, setup.model.num_labels)
+    _PARTITIONS[key] = tokenize(fed.partition(client_id), base.tokenizer, setup.model.task, setup.model.max_length)
+    while len(_PARTITIONS) > _MAX_PARTITIONS:
+        _PARTITIONS.popitem(last=False)
+    return _PARTITIONS[key]
 
 
 def _worker_name() -> str:
@@ -70,14 +78,13 @@ def _worker_name() -> str:
     return f"host:{socket.gethostname()}"
 
 
-PRUNE_STATE = "fedtune.prune"
 
 
 def load_prune_state(state: RecordDict) -> tuple[Masks | None, dict[int, dict[str, torch.Tensor]] | None]:
     """This client's masks and importance EMA from earlier rounds (its Flower node state)."""
-    if PRUNE_STATE not in state.array_records:
+    if NODE_STATE_PRUNE not in state.array_records:
         return None, None
-    tensors = state.array_records[PRUNE_STATE].to_torch_state_dict()
+    tensors = state.array_records[NODE_STATE_PRUNE].to_torch_state_dict()
     masks = masks_from_tensors({k: v for k, v in tensors.items() if k.startswith("mask::")})
     scores: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -92,7 +99,7 @@ def save_prune_state(state: RecordDict, masks: Masks, scores: dict[int, dict[str
     for layer, m in (scores or {}).items():
         for kind, t in m.items():
             tensors[f"score::{layer}::{kind}"] = t.float()
-    state[PRUNE_STATE] = ArrayRecord(tensors)
+    state[NODE_STATE_PRUNE] = ArrayRecord(tensors)
 
 
 def inject_fault(kind: str, factors: Factors) -> Factors:
@@ -118,58 +125,40 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     ``state`` is the node's persistent state (pruning masks and importance live there).
     """
     t0 = time.perf_counter()
-    config = content["config"]
-    experiment_toml = str(config["experiment"])
-    cfg = _experiment(experiment_toml)
-    torch.set_num_threads(cfg.train.num_threads)
-    if "client-id" in config and int(config["client-id"]) != client_id:
-        raise ValueError(f"message addressed to client {config['client-id']}, this node is {client_id}")
-    server_round, rank = int(config["server-round"]), int(config["rank"])
-    fault = cfg.faults.fault_for(client_id, server_round)
+    request = TrainRequest.from_config(content[CONFIG])
+    setup = request.setup
+    torch.set_num_threads(setup.train.num_threads)
+    if request.client_id != client_id:
+        raise ValueError(f"message addressed to client {request.client_id}, this node is {client_id}")
+    fault = request.fault
     if fault == "raise":
-        raise RuntimeError(f"injected fault in round {server_round}")
+        raise RuntimeError(f"injected fault in round {request.server_round}")
     if fault == "crash":
-        LOG.error("client %d: injected crash in round %d", client_id, server_round)
+        LOG.error("client %d: injected crash in round %d", client_id, request.server_round)
         (on_crash or (lambda: os._exit(3)))()
-    quantization = str(config.get("quantization", cfg.model.quantization))
-    model_cfg = _model_config(cfg, quantization)
-    fraction = float(config.get("gpu-fraction", 0.0))
-    if fraction and torch.cuda.is_available():  # this device class's share of the GPU
-        torch.cuda.set_per_process_memory_fraction(fraction)
+    if request.gpu_fraction and torch.cuda.is_available():  # this device class's share of the GPU
+        torch.cuda.set_per_process_memory_fraction(request.gpu_fraction)
     t_setup = time.perf_counter()
-    base = cached_base_model(model_cfg, cfg.seed)
-    data = _client_data(experiment_toml, client_id, quantization)
+    base = cached_base_model(setup.model, setup.seed)
+    data = client_partition(setup, client_id)
     setup_s = time.perf_counter() - t_setup
-    train_state = record_to_state(content["arrays"])
-    seed = cfg.seed * 1_000_003 + server_round * 10_007 + client_id
-    ratio = float(config.get("prune-ratio", 0.0))
+    train_state = record_to_state(content[ARRAYS])
     masks, scores = load_prune_state(state)
-    prune = None
-    if ratio > 0:
-        prune = PruneSpec(target=ratio, interval=cfg.prune.interval, method=cfg.prune.importance, ema=cfg.prune.ema,
-                          skip_layers=tuple(cfg.prune.skip_layers), recovery_steps=cfg.prune.recovery_steps)
-    result = train_local(base, train_state, rank, data, cfg, train_a=bool(config.get("train-a", True)), seed=seed,
-                         prune=prune, masks=masks, scores=scores)
-    metrics = MetricRecord({
-        "num-examples": result.num_examples,
-        "train-loss": result.train_loss,
-        "train-time-s": result.train_time_s,
-        "setup-s": setup_s,
-        "handle-time-s": time.perf_counter() - t0,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "loss-start": result.loss_start,
-        "loss-end": result.loss_end,
-        "rank": rank,
-        "client-id": client_id,
-    })
+    result = train_local(base, train_state, request.rank, data, setup, train_a=request.train_a, seed=request.seed,
+                         prune=request.prune, masks=masks, scores=scores)
+    metrics = TrainMetrics(
+        num_examples=result.num_examples, train_loss=result.train_loss, train_time_s=result.train_time_s,
+        setup_s=setup_s, handle_time_s=time.perf_counter() - t0, steps=result.steps, tokens=result.tokens,
+        loss_start=result.loss_start, loss_end=result.loss_end, rank=request.rank, client_id=client_id)
     factors = inject_fault(fault, result.factors) if fault else result.factors
     if fault == "hang":
-        time.sleep(cfg.faults.hang_s)
-    reply = RecordDict({"arrays": factors_to_record(factors, result.head), "metrics": metrics,
-                        "info": ConfigRecord({"worker": _worker_name(), "quantization": quantization})})
+        time.sleep(request.hang_s)
+    reply = RecordDict({ARRAYS: factors_to_record(factors, result.head),
+                        INFO: ConfigRecord(ReplyInfo(worker=_worker_name(),
+                                                     quantization=setup.model.quantization).to_config())})
     if result.masks is not None:
         save_prune_state(state, result.masks, result.scores)
-        reply["masks"] = ArrayRecord(masks_to_tensors(result.masks))
-        metrics["prune-ratio"] = result.sparsity
+        reply[MASKS] = ArrayRecord(masks_to_tensors(result.masks))
+        metrics.prune_ratio = result.sparsity
+    reply[METRICS] = MetricRecord(metrics.to_record())
     return reply

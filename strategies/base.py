@@ -1,12 +1,17 @@
 """The LoRA strategy base: a Flower ``Strategy`` that federates low-rank adapters.
 
 A subclass overrides one pure method, :meth:`LoraStrategy.aggregate_adapters`, which
-maps the round's client updates (each at its own rank) to the new global adapter. All
-Flower plumbing lives here: per-node messages with each client's rank-projected adapter,
-seeded client sampling, decoding and validating replies (malformed, wrongly shaped or
-non-finite updates are rejected with the reason logged; a crashed client is recorded as
-failed and the round goes on), task-head averaging and per-client bookkeeping that the
-server writes to ``metrics.jsonl``.
+maps the round's client updates (each at its own rank) to the new global adapter. This
+class keeps the Flower plumbing and the aggregation hooks: per-node messages with each
+client's rank-projected adapter (a :class:`~fedtune.core.protocol.TrainRequest`), seeded
+client sampling, and per-client bookkeeping that the round loop reads back as a
+:class:`RoundResult`. Replies are validated by :class:`~strategies.replies.ReplyDecoder`
+(malformed, wrongly shaped or non-finite updates are rejected with the reason logged; a
+crashed client is recorded as failed and the round goes on); on a simulated fleet,
+:class:`~fedtune.fleet.clock.FleetClock` charges every client-round and advances the clock.
+
+Collaborators are constructor arguments: the model's prunable ``structure`` (when clients
+prune) and the ``fleet`` simulator (when a device fleet is simulated).
 
 Adapter conventions are those of :mod:`fedtune.lora.factors` (``delta_W = B @ A``, scale
 folded into B).
@@ -18,6 +23,7 @@ import math
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -35,6 +41,23 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.core.protocol import (
+    ARRAYS,
+    CONFIG,
+    IDENTIFY,
+    QUERY_KIND,
+    ClientKey,
+    NodeIdentity,
+    PruneSpec,
+    ReplyInfo,
+    Status,
+    TrainRequest,
+    client_setup,
+)
+from fedtune.core.protocol import (
+    INFO as INFO_RECORD,
+)
+from fedtune.fleet.clock import FleetClock, FleetSimulator
 from fedtune.lora.factors import (
     ClientUpdate,
     Factors,
@@ -44,16 +67,12 @@ from fedtune.lora.factors import (
     scale_for_holders,
     truncate_factors,
 )
-from fedtune.lora.records import (
-    RecordError,
-    record_to_factors,
-    record_to_state,
-    state_to_record,
-)
-from fedtune.pruning.masks import masks_from_tensors
-from fedtune.pruning.structure import LayerStructure, Masks, module_keep
+from fedtune.lora.records import RecordError, record_to_state, state_to_record
+from fedtune.pruning.masks import Masks, masks_from_bits, masks_to_bits
+from fedtune.pruning.structure import LayerStructure
+from strategies.replies import ReplyDecoder
 
-__all__ = ["LoraStrategy", "weighted_head_average"]
+__all__ = ["LoraStrategy", "RoundResult", "weighted_head_average"]
 
 
 def weighted_head_average(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -67,15 +86,42 @@ def weighted_head_average(updates: list[ClientUpdate]) -> dict[str, torch.Tensor
     }
 
 
+@dataclass
+class RoundResult:
+    """What one round produced, as the round loop records it."""
+
+    state: GlobalAdapter  # the global state after the round (unchanged when no update was valid)
+    train_loss: float | None  # example-weighted mean client loss; None when the round was not aggregated
+    clients: list[dict[str, Any]] = field(default_factory=list)  # per-client records (ClientKey keys)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_sim_s: float | None = None  # simulated length of the round (fleet runs)
+    sim_time_s: float | None = None  # simulated seconds since the start (fleet runs)
+
+
+@dataclass
+class _Sent:
+    client_id: int
+    rank: int
+    sent_at: float
+    bytes_down: int
+
+
 class LoraStrategy(Strategy):
     """Base of every fedtune aggregation rule.
 
     Parameters
     ----------
     experiment:
-        The validated experiment config (ranks, sampling, seed).
+        The validated experiment config (ranks, sampling, seed, client settings).
     global_rank:
         Rank of the global adapter; defaults to the largest client rank.
+    structure:
+        The model's prunable structure groups; needed when clients prune (masks are validated
+        against it).
+    fleet:
+        The simulated device fleet; with it, rounds run on a simulated clock (costs, OOM,
+        deadlines, availability) and device classes pick base-weight widths and GPU shares.
     **options:
         Subclass options; anything left over is an error naming the key.
     """
@@ -85,7 +131,9 @@ class LoraStrategy(Strategy):
     #: whether clients train A (False for FFA-LoRA, which freezes it)
     trains_a: bool = True
 
-    def __init__(self, experiment: ExperimentConfig, *, global_rank: int | None = None, **options: Any) -> None:
+    def __init__(self, experiment: ExperimentConfig, *, global_rank: int | None = None,
+                 structure: list[LayerStructure] | None = None, fleet: FleetSimulator | None = None,
+                 **options: Any) -> None:
         if options:
             key = sorted(options)[0]
             raise ConfigError(
@@ -95,21 +143,17 @@ class LoraStrategy(Strategy):
         self.global_rank = int(global_rank or experiment.lora.max_rank)
         if self.global_rank < 1:
             raise ConfigError(f"federation.strategy_args.global_rank: must be >= 1, got {global_rank}")
+        self.structure = structure
+        self.fleet = fleet
+        self.clock = FleetClock(fleet, experiment.fleet.deadline_s) if fleet is not None else None
         self.node_clients: dict[int, int] = {}  # node id -> client id (partition id)
         self.current: GlobalAdapter | None = None
-        self.module_shapes: dict[str, tuple[int, int]] = {}  # module -> (out, in)
-        self.head_shapes: dict[str, tuple[int, ...]] = {}
-        self.round_clients: dict[int, list[dict[str, Any]]] = {}  # per-round client records
+        self.decoder = ReplyDecoder({}, {}, structure)
         self.server_round = 0  # the round being configured / aggregated
-        self.round_bytes: dict[int, dict[str, int]] = {}
-        self._sent: dict[int, tuple[int, int, float]] = {}  # node -> (client id, rank, send time)
-        self.structure: list[LayerStructure] | None = None  # prunable structure groups of the model
         self.client_masks: dict[int, Masks] = {}  # latest pruning masks each client reported
-        self.fleet: Any = None  # fedtune.fleet.clock.FleetSimulator when a device fleet is simulated
-        self.sim_time_s = 0.0  # cumulative simulated seconds
-        self.round_sim_s: dict[int, float] = {}
-        self._bytes_down: dict[int, int] = {}
+        self._sent: dict[int, _Sent] = {}  # node -> what was sent to it this round
         self._prefailed: list[dict[str, Any]] = []
+        self._result: dict[int, RoundResult] = {}
 
     # ------------------------------------------------------------------ the hook to override
 
@@ -148,6 +192,9 @@ class LoraStrategy(Strategy):
         adapter = {m: truncate_factors(a, b, rank) for m, (a, b) in state.adapter.items()}
         return GlobalAdapter(adapter=adapter, frozen=state.frozen, head=state.head)
 
+    def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
+        """Called with the round's per-client records (outcomes) after aggregation; a hook for policies."""
+
     # ------------------------------------------------------------------ Flower Strategy API
 
     def summary(self) -> None:
@@ -158,8 +205,8 @@ class LoraStrategy(Strategy):
 
     def set_state(self, state: GlobalAdapter) -> None:
         self.current = state
-        self.module_shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in state.adapter.items()}
-        self.head_shapes = {k: tuple(v.shape) for k, v in state.head.items()}
+        self.decoder.module_shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in state.adapter.items()}
+        self.decoder.head_shapes = {k: tuple(v.shape) for k, v in state.head.items()}
 
     def discover_clients(self, grid: Grid, timeout: float = 120.0) -> dict[int, int]:
         """Ask unmapped nodes for their client (partition) id with a QUERY message."""
@@ -167,7 +214,7 @@ class LoraStrategy(Strategy):
         if not todo:
             return self.node_clients
         msgs = [
-            Message(RecordDict({"config": ConfigRecord({"query": "identify"})}),
+            Message(RecordDict({CONFIG: ConfigRecord({QUERY_KIND: IDENTIFY})}),
                     dst_node_id=n, message_type=MessageType.QUERY)
             for n in todo
         ]
@@ -176,12 +223,11 @@ class LoraStrategy(Strategy):
             if reply.has_error():
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
-            info = reply.content["config"]
-            self.node_clients[node] = int(info["client-id"])
-            device = str(info.get("device", "") or "")
-            if device and self.fleet is not None:
+            identity = NodeIdentity.from_config(reply.content[CONFIG])
+            self.node_clients[node] = identity.client_id
+            if identity.device and self.fleet is not None:
                 try:
-                    self.fleet.declare(self.node_clients[node], device)
+                    self.fleet.declare(identity.client_id, identity.device)
                 except ValueError as exc:
                     log(WARNING, "node %d: %s; using the fleet mix's device", node, exc)
         for i, n in enumerate(sorted(todo)):  # fallback for nodes that did not answer
@@ -207,6 +253,22 @@ class LoraStrategy(Strategy):
         chosen = rng.sample(nodes, size)
         return sorted(chosen, key=lambda n: self.node_clients[n])
 
+    def train_request(self, client_id: int, server_round: int, rank: int) -> TrainRequest:
+        """The request one client receives this round: its setup, rank, seed and pruning job."""
+        exp = self.experiment
+        ratio = float(self.prune_ratio_for(client_id, server_round))
+        prune = None
+        if ratio > 0:
+            pc = exp.prune
+            prune = PruneSpec(target=ratio, interval=pc.interval, importance=pc.importance, ema=pc.ema,
+                              skip_layers=tuple(pc.skip_layers), recovery_steps=pc.recovery_steps)
+        return TrainRequest(
+            server_round=server_round, client_id=client_id, rank=rank,
+            seed=exp.seed * 1_000_003 + server_round * 10_007 + client_id,
+            setup=client_setup(exp, self.quantization_for(client_id, rank)), train_a=self.trains_a, prune=prune,
+            gpu_fraction=self.gpu_fraction_for(client_id), fault=exp.faults.fault_for(client_id, server_round),
+            hang_s=exp.faults.hang_s)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -215,38 +277,26 @@ class LoraStrategy(Strategy):
         self.server_round = server_round
         messages = []
         self._sent = {}
-        self._bytes_down = {}
         self._prefailed = []
-        bytes_down = 0
         for node in self.sample_nodes(grid, server_round):
             client_id = self.node_clients[node]
             rank = self.rank_for(client_id, server_round)
             if self.fleet is not None:
                 reason = self.fleet.precheck(client_id, rank, self.client_masks.get(client_id))
                 if reason is not None:  # the device could not even start: nothing is sent
-                    self._prefailed.append({"client_id": client_id, "node_id": node, "rank": rank, "status": "failed",
-                                            "reason": reason, "device": self.fleet.device(client_id).name,
-                                            "sim_seconds": 0.0})
+                    self._prefailed.append({
+                        ClientKey.CLIENT_ID: client_id, ClientKey.NODE_ID: node, ClientKey.RANK: rank,
+                        ClientKey.STATUS: Status.FAILED, ClientKey.REASON: reason,
+                        ClientKey.DEVICE: self.fleet.device(client_id).name, ClientKey.SIM_SECONDS: 0.0})
                     continue
             payload = state_to_record(self.client_payload(state, client_id, rank))
-            cfg = ConfigRecord(dict(config))
-            cfg.update({
-                "server-round": server_round, "client-id": client_id, "rank": rank,
-                "train-a": self.trains_a, "prune-ratio": float(self.prune_ratio_for(client_id, server_round)),
-                "quantization": self.quantization_for(client_id, rank),
-            })
-            fraction = self.gpu_fraction_for(client_id)
-            if fraction:
-                cfg["gpu-fraction"] = fraction
-            self._bytes_down[node] = payload.count_bytes()
-            bytes_down += self._bytes_down[node]
-            messages.append(Message(RecordDict({"arrays": payload, "config": cfg}),
+            request = ConfigRecord({**dict(config), **self.train_request(client_id, server_round, rank).to_config()})
+            messages.append(Message(RecordDict({ARRAYS: payload, CONFIG: request}),
                                     dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
-            self._sent[node] = (client_id, rank, time.time())
-        self.round_bytes[server_round] = {"bytes_down": bytes_down, "bytes_up": 0}
+            self._sent[node] = _Sent(client_id, rank, time.time(), payload.count_bytes())
         log(INFO, "configure_train: round %d, %d clients, ranks %s", server_round, len(messages),
-            sorted({r for _, r, _ in self._sent.values()}))
+            sorted({s.rank for s in self._sent.values()}))
         return messages
 
     def quantization_for(self, client_id: int, rank: int) -> str:
@@ -262,62 +312,52 @@ class LoraStrategy(Strategy):
             return 0.0
         return float(table.get(self.fleet.device(client_id).name, 0.0))
 
-    def _sent_info(self, node: int) -> tuple[int, int, float]:
-        """(client id, rank, send time) of the message sent to ``node`` this round (rank -1: none sent)."""
-        return self._sent.get(node, (self.node_clients.get(node, -1), -1, 0.0))
+    def _sent_to(self, node: int) -> _Sent:
+        """What was sent to ``node`` this round (rank -1: nothing)."""
+        return self._sent.get(node, _Sent(self.node_clients.get(node, -1), -1, 0.0, 0))
 
-    def decode_reply(self, reply: Message) -> ClientUpdate:
-        """Decode and validate one reply; raises ValueError with the reason to reject it."""
-        node = reply.metadata.src_node_id
-        client_id, rank, _ = self._sent_info(node)
-        if "arrays" not in reply.content.array_records or "metrics" not in reply.content.metric_records:
-            raise ValueError("reply lacks the 'arrays' or 'metrics' record")
-        factors, head = record_to_factors(reply.content["arrays"])
-        metrics = dict(reply.content["metrics"])
-        expected = set(self.current.adapter) if self.current else set()
-        if set(factors) != expected:
-            missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
-            raise ValueError(f"adapter modules differ from the global adapter's (missing {missing[:2]}, extra {extra[:2]})")
-        for m, (a, b) in factors.items():
-            out_f, in_f = self.module_shapes[m]
-            if a.shape != (rank, in_f) or b.shape != (out_f, rank):
-                raise ValueError(
-                    f"{m}: A {tuple(a.shape)}, B {tuple(b.shape)}; expected ({rank}, {in_f}) and ({out_f}, {rank})"
-                )
-        if set(head) != set(self.head_shapes) or any(tuple(head[k].shape) != self.head_shapes[k] for k in head):
-            raise ValueError("task head tensors differ in names or shapes from the global head")
-        bad = is_finite_adapter(factors, head)
-        if bad is not None:
-            raise ValueError(f"non-finite values in {bad}")
-        n = int(metrics.get("num-examples", 0))
-        if n <= 0:
-            raise ValueError(f"num-examples must be positive, got {n}")
-        loss = float(metrics.get("train-loss", math.nan))
-        keep: dict[str, tuple[str, torch.Tensor]] = {}
-        if "masks" in reply.content.array_records:
-            masks = self._decode_masks(reply.content["masks"])
-            keep = {m: k for m, k in module_keep(self.structure or [], masks).items() if m in factors}
-            for m, (how, vec) in keep.items():
-                size = factors[m][1].shape[0] if how == "rows" else factors[m][0].shape[1]
-                if vec.numel() != size:
-                    raise ValueError(f"pruning mask of {m} has {vec.numel()} entries for {size} {how}")
-            self.client_masks[client_id] = masks
-        return ClientUpdate(client_id=client_id, rank=rank, factors=factors, head=head, num_examples=n,
-                            train_loss=loss, metrics={k: float(v) for k, v in metrics.items()
-                                                      if isinstance(v, (int, float))}, keep=keep)
-
-    def _decode_masks(self, record: ArrayRecord) -> Masks:
-        if self.structure is None:
-            raise ValueError("client sent pruning masks but the server knows no model structure")
+    def _client_record(self, server_round: int, node: int, reply: Message) -> tuple[dict[str, Any], ClientUpdate | None]:
+        """One reply's record and, when it is accepted, its update."""
+        sent = self._sent_to(node)
+        rec: dict[str, Any] = {ClientKey.CLIENT_ID: sent.client_id, ClientKey.NODE_ID: node, ClientKey.RANK: sent.rank}
+        if self.fleet is not None:
+            rec[ClientKey.DEVICE] = self.fleet.device(sent.client_id).name
+        if reply.has_error():
+            rec.update({ClientKey.STATUS: Status.FAILED, ClientKey.REASON: str(reply.error.reason)})
+            log(WARNING, "round %d: client %d failed: %s", server_round, sent.client_id, reply.error.reason)
+            return rec, None
         try:
-            masks = masks_from_tensors(record.to_torch_state_dict())
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"malformed pruning masks: {exc}") from exc
-        for ls in self.structure:
-            m = masks.get(ls.layer, {})
-            if set(m) != {"attn", "ffn"} or m["attn"].shape != (ls.num_units,) or m["ffn"].shape != (ls.ffn_dim,):
-                raise ValueError(f"pruning masks of layer {ls.layer} do not match the model's structure")
-        return masks
+            decoded = self.decoder.decode(reply, sent.client_id, sent.rank)
+        except (ValueError, RecordError, KeyError, TypeError) as exc:
+            rec.update({ClientKey.STATUS: Status.REJECTED, ClientKey.REASON: str(exc)})
+            log(WARNING, "round %d: rejected update of client %d: %s", server_round, sent.client_id, exc)
+            return rec, None
+        update, m = decoded.update, decoded.metrics
+        if decoded.masks is not None:
+            self.client_masks[sent.client_id] = decoded.masks
+        rec.update({ClientKey.STATUS: Status.OK, ClientKey.TRAIN_LOSS: update.train_loss,
+                    ClientKey.NUM_EXAMPLES: update.num_examples,
+                    ClientKey.PRUNE_RATIO: m.prune_ratio if m.prune_ratio is not None else 0.0,
+                    ClientKey.LOSS_START: m.loss_start, ClientKey.LOSS_END: m.loss_end,
+                    ClientKey.TRAIN_TIME_S: m.train_time_s, ClientKey.REPLY_S: round(time.time() - sent.sent_at, 3)})
+        for key, value in ((ClientKey.PROCESS_S, m.process_s), (ClientKey.SETUP_S, m.setup_s)):
+            if math.isfinite(value):  # a fresh ClientApp process's age at its reply; model/data load
+                rec[key] = round(value, 3)
+        if INFO_RECORD in reply.content.config_records:
+            info = ReplyInfo.from_config(reply.content[INFO_RECORD])
+            rec[ClientKey.WORKER] = info.worker
+            if info.quantization != "none":
+                rec[ClientKey.QUANTIZATION] = info.quantization
+        if self.clock is not None:
+            fields, status, reason = self.clock.charge(
+                sent.client_id, server_round, rank=update.rank, masks=self.client_masks.get(sent.client_id),
+                steps=m.steps or self.experiment.train.local_steps, tokens=m.tokens, bytes_down=sent.bytes_down,
+                bytes_up=reply.content[ARRAYS].count_bytes())
+            rec.update(fields)
+            if status is not None:
+                rec.update({ClientKey.STATUS: status, ClientKey.REASON: reason})
+                return rec, None
+        return rec, update
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -331,57 +371,31 @@ class LoraStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             seen.add(node)
-            client_id, rank, sent_at = self._sent_info(node)
-            rec: dict[str, Any] = {"client_id": client_id, "node_id": node, "rank": rank}
-            if self.fleet is not None:
-                rec["device"] = self.fleet.device(client_id).name
-            if reply.has_error():
-                rec.update(status="failed", reason=str(reply.error.reason))
-                log(WARNING, "round %d: client %d failed: %s", server_round, client_id, reply.error.reason)
-                records.append(rec)
-                continue
-            try:
-                if "arrays" in reply.content.array_records:
-                    bytes_up += reply.content["arrays"].count_bytes()
-                update = self.decode_reply(reply)
-            except (ValueError, RecordError, KeyError, TypeError) as exc:
-                rec.update(status="rejected", reason=str(exc))
-                log(WARNING, "round %d: rejected update of client %d: %s", server_round, client_id, exc)
-                records.append(rec)
-                continue
-            rec.update(status="ok", train_loss=update.train_loss, num_examples=update.num_examples,
-                       prune_ratio=update.metrics.get("prune-ratio", 0.0),
-                       loss_start=update.metrics.get("loss-start", math.nan),
-                       loss_end=update.metrics.get("loss-end", math.nan),
-                       train_time_s=update.metrics.get("train-time-s", math.nan),
-                       reply_s=round(time.time() - sent_at, 3))
-            for key in ("process-s", "setup-s"):  # a fresh ClientApp process's age at its reply; model/data load
-                value = update.metrics.get(key, math.nan)
-                if math.isfinite(value):
-                    rec[key.replace("-", "_")] = round(value, 3)
-            if "info" in reply.content.config_records:
-                info = reply.content["info"]
-                rec["worker"] = str(info.get("worker", ""))
-                if str(info.get("quantization", "none")) != "none":
-                    rec["quantization"] = str(info["quantization"])
-            if self.fleet is not None and not self._simulate_cost(server_round, node, update, rec, reply):
-                records.append(rec)
-                continue
-            updates.append(update)
+            if not reply.has_error() and ARRAYS in reply.content.array_records:
+                bytes_up += reply.content[ARRAYS].count_bytes()
+            rec, update = self._client_record(server_round, node, reply)
             records.append(rec)
-        for node, (client_id, rank, _) in self._sent.items():
+            if update is not None:
+                updates.append(update)
+        for node, sent in self._sent.items():
             if node not in seen:
                 timeout = self.experiment.federation.round_timeout_s
                 log(WARNING, "round %d: client %d sent no reply within the round timeout (%.0fs); dropped",
-                    server_round, client_id, timeout)
-                records.append({"client_id": client_id, "node_id": node, "rank": rank,
-                                "status": "failed", "reason": "no reply before the round timeout"})
+                    server_round, sent.client_id, timeout)
+                records.append({ClientKey.CLIENT_ID: sent.client_id, ClientKey.NODE_ID: node,
+                                ClientKey.RANK: sent.rank, ClientKey.STATUS: Status.FAILED,
+                                ClientKey.REASON: "no reply before the round timeout"})
         records += self._prefailed
-        if self.fleet is not None:
-            self._advance_clock(server_round, records)
-        self.round_clients[server_round] = sorted(records, key=lambda r: r["client_id"])
-        self.after_round(server_round, self.round_clients[server_round])
-        self.round_bytes.setdefault(server_round, {"bytes_down": 0})["bytes_up"] = bytes_up
+        if self.clock is not None:
+            self.clock.advance(server_round, records)
+        records = sorted(records, key=lambda r: r[ClientKey.CLIENT_ID])
+        self.after_round(server_round, records)
+        result = RoundResult(state=self.current, train_loss=None, clients=records, bytes_up=bytes_up,
+                             bytes_down=sum(s.bytes_down for s in self._sent.values()))
+        if self.clock is not None:
+            result.round_sim_s = self.clock.round_sim_s.get(server_round, 0.0)
+            result.sim_time_s = self.clock.sim_time_s
+        self._result[server_round] = result
         min_replies = self.experiment.federation.min_replies
         if len(updates) < min_replies:
             log(WARNING, "round %d: %d valid update(s), fewer than federation.min_replies=%d; the global adapter"
@@ -395,58 +409,25 @@ class LoraStrategy(Strategy):
             return None, None
         self.set_state(new_state)
         total = sum(u.num_examples for u in updates)
-        metrics = MetricRecord({
-            "train-loss": float(sum(u.train_loss * u.num_examples for u in updates) / total),
-            "num-examples": total,
-            "num-ok": len(updates),
-        })
+        train_loss = float(sum(u.train_loss * u.num_examples for u in updates) / total)
+        result.state, result.train_loss = new_state, train_loss
+        metrics = MetricRecord({"train_loss": train_loss, "num_examples": total, "num_ok": len(updates)})
         return state_to_record(new_state), metrics
 
-    def _simulate_cost(self, server_round: int, node: int, update: ClientUpdate, rec: dict[str, Any],
-                       reply: Message) -> bool:
-        """Cost of an ok client-round on its device; False if it ran out of memory or missed the deadline."""
-        cost = self.fleet.cost(
-            update.client_id, server_round, rank=update.rank, masks=self.client_masks.get(update.client_id),
-            steps=int(update.metrics.get("steps", self.experiment.train.local_steps)),
-            tokens=int(update.metrics.get("tokens", 0)), bytes_down=self._bytes_down.get(node, 0),
-            bytes_up=reply.content["arrays"].count_bytes())
-        rec.update(device=self.fleet.device(update.client_id).name, sim_seconds=round(cost.total_s, 3),
-                   sim_compute_s=round(cost.compute_s, 3), sim_comm_s=round(cost.comm_s, 3),
-                   peak_mem_gb=round(cost.peak_mem_gb, 3))
-        deadline = self.experiment.fleet.deadline_s
-        if cost.oom:
-            rec.update(status="failed", reason=f"out of memory on {rec['device']}: needs {cost.peak_mem_gb:.2f} GB")
-            return False
-        if deadline and cost.total_s > deadline:
-            rec.update(status="dropped", reason=f"missed the deadline: {cost.total_s:.1f}s > {deadline:.1f}s")
-            return False
-        return True
-
-    def _advance_clock(self, server_round: int, records: list[dict[str, Any]]) -> None:
-        """A synchronous round lasts as long as its slowest survivor, or the deadline if any was dropped."""
-        survivors = [r["sim_seconds"] for r in records if r["status"] == "ok" and "sim_seconds" in r]
-        deadline = self.experiment.fleet.deadline_s
-        length = max(survivors, default=0.0)
-        if deadline and any(r["status"] == "dropped" for r in records):
-            length = deadline
-        self.round_sim_s[server_round] = length
-        self.sim_time_s += length
+    def round_result(self, server_round: int) -> RoundResult:
+        """What ``server_round`` produced (after :meth:`aggregate_train`)."""
+        return self._result.pop(server_round)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable strategy state saved with every checkpoint (restored on resume): the
-        simulated clock and every client's latest pruning masks (as '0'/'1' strings, 1 = kept)."""
-        masks = {str(cid): {str(layer): {k: "".join("1" if b else "0" for b in t.tolist()) for k, t in m.items()}
-                            for layer, m in cm.items()} for cid, cm in sorted(self.client_masks.items())}
-        return {"sim_time_s": self.sim_time_s, "client_masks": masks}
+        simulated clock and every client's latest pruning masks."""
+        masks = {str(cid): masks_to_bits(cm) for cid, cm in sorted(self.client_masks.items())}
+        return {"sim_time_s": self.clock.sim_time_s if self.clock is not None else 0.0, "client_masks": masks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sim_time_s = float(state.get("sim_time_s", 0.0))
-        self.client_masks = {
-            int(cid): {int(layer): {k: torch.tensor([c == "1" for c in bits], dtype=torch.bool) for k, bits in m.items()}
-                       for layer, m in cm.items()} for cid, cm in state.get("client_masks", {}).items()}
-
-    def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
-        """Called with the round's per-client records (outcomes) after aggregation; a hook for policies."""
+        if self.clock is not None:
+            self.clock.sim_time_s = float(state.get("sim_time_s", 0.0))
+        self.client_masks = {int(cid): masks_from_bits(bits) for cid, bits in state.get("client_masks", {}).items()}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -456,4 +437,3 @@ class LoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
-

@@ -6,6 +6,8 @@ from typing import Any
 
 from fedtune.core.config import ConfigError, ExperimentConfig
 from fedtune.core.plugins import load_plugin
+from fedtune.fleet.clock import FleetSimulator
+from fedtune.pruning.structure import LayerStructure
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
 from strategies.fedspine import FedSpine
@@ -38,10 +40,13 @@ def strategy_class(spec: str) -> type[LoraStrategy]:
     return load_plugin(spec, STRATEGIES, LoraStrategy, "federation.strategy")
 
 
-def build_strategy(experiment: ExperimentConfig) -> LoraStrategy:
+def build_strategy(experiment: ExperimentConfig, *, structure: list[LayerStructure] | None = None,
+                   fleet: FleetSimulator | None = None) -> LoraStrategy:
+    """The configured strategy with its collaborators: the model's prunable ``structure`` and the
+    simulated ``fleet`` (each None when not used)."""
     cls = strategy_class(experiment.federation.strategy)
     args: dict[str, Any] = dict(experiment.federation.strategy_args)
     try:
-        return cls(experiment, **args)
+        return cls(experiment, structure=structure, fleet=fleet, **args)
     except TypeError as exc:
         raise ConfigError(f"federation.strategy_args: {cls.__name__} rejected {sorted(args)}: {exc}") from exc

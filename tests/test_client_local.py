@@ -4,8 +4,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from clients.local import PRUNE_STATE, handle_train
-from fedtune.core.config import config_from_dict, config_to_toml
+from clients.local import handle_train
+from fedtune.core.config import config_from_dict
+from fedtune.core.protocol import NODE_STATE_PRUNE as PRUNE_STATE
+from fedtune.core.protocol import PruneSpec, TrainRequest, client_setup
 from fedtune.lora.records import record_to_factors, state_to_record
 from fedtune.models.loading import cached_base_model
 from fedtune.training.local import head_state, lora_shapes
@@ -21,9 +23,10 @@ def message(quantization, prune_ratio=0.3, client_id=1, server_round=1):
     strat = HetLoRA(cfg)
     state = strat.initial_state(lora_shapes(base, cfg), head_state(base))
     payload = strat.client_payload(state, client_id, 2)
-    config = ConfigRecord({"experiment": config_to_toml(cfg), "server-round": server_round, "client-id": client_id,
-                           "rank": 2, "train-a": True, "prune-ratio": prune_ratio, "quantization": quantization})
-    return RecordDict({"arrays": state_to_record(payload), "config": config})
+    prune = PruneSpec(target=prune_ratio, interval=cfg.prune.interval) if prune_ratio else None
+    request = TrainRequest(server_round=server_round, client_id=client_id, rank=2, seed=7,
+                           setup=client_setup(cfg, quantization), prune=prune)
+    return RecordDict({"arrays": state_to_record(payload), "config": ConfigRecord(request.to_config())})
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
@@ -34,10 +37,10 @@ def test_handle_train_on_the_base_width_the_server_chose(quantization):
     assert factors and all(a.shape[0] == 2 and torch.isfinite(b).all() for a, b in factors.values())
     assert reply["info"]["quantization"] == quantization
     metrics = reply["metrics"]
-    assert metrics["num-examples"] > 0 and metrics["steps"] == 4 and 0 < metrics["prune-ratio"] <= 0.3
+    assert metrics["num_examples"] > 0 and metrics["steps"] == 4 and 0 < metrics["prune_ratio"] <= 0.3
     assert PRUNE_STATE in node_state.array_records  # masks persist in the node's state for the next round
     again = handle_train(message(quantization, server_round=2), {}, node_state, client_id=1)
-    assert again["metrics"]["setup-s"] < 0.5  # base model and partition were cached in this process
+    assert again["metrics"]["setup_s"] < 0.5  # base model and partition were cached in this process
 
 
 def test_handle_train_refuses_a_message_for_another_client():
@@ -60,7 +63,7 @@ def test_a_nodes_persistent_worker_keeps_the_model_loaded(tmp_path, monkeypatch)
         first = request_train(message("none"), {}, state, client_id=1, node_id=42)
         second = request_train(message("none", server_round=2), {}, state, client_id=1, node_id=42)
         assert first["metrics"]["steps"] == 4 and PRUNE_STATE in state.array_records
-        assert second["metrics"]["setup-s"] < 0.5  # the worker kept model and partition in memory
+        assert second["metrics"]["setup_s"] < 0.5  # the worker kept model and partition in memory
         with pytest.raises(WorkerError, match="ValueError: message addressed to client 1, this node is 3"):
             request_train(message("none"), {}, RecordDict(), client_id=3, node_id=42)
     finally:

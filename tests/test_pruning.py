@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedtune.core.config import ConfigError, config_from_dict
+from fedtune.core.protocol import PruneSpec
 from fedtune.models.loading import load_base_model
 from fedtune.pruning.importance import cubic_ratio, lora_weight_gradient, prune_step
-from fedtune.pruning.prune_and_tune import PruneSpec
 from fedtune.pruning.slicing import slice_model
 from fedtune.pruning.structure import apply_masks, full_masks, model_structure, sparsity
 from tests.conftest import masked_logits

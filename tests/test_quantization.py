@@ -67,8 +67,8 @@ def test_auto_quantization_is_the_widest_width_that_fits_each_device(tmp_path):
                             "lora": {"ranks": [8]}, "federation": {"num_clients": 4},
                             "fleet": {"devices": {"big": 1, "mid": 1, "small": 1, "tiny": 1}, "profiles": str(profiles)},
                             "simulation": {"gpu_fraction_by_device": {"small": 0.25}}})
-    strat = HetLoRA(cfg)
-    strat.fleet = FleetSimulator.from_config(cfg, base.model, model_structure(base.model))
+    structure = model_structure(base.model)
+    strat = HetLoRA(cfg, structure=structure, fleet=FleetSimulator.from_config(cfg, base.model, structure))
     assert [strat.quantization_for(c, 8) for c in range(4)] == ["none", "int8", "nf4", "int8"]
     assert strat.fleet.precheck(3, 8, None).startswith("out of memory on tiny")  # int8 forced: does not fit
     assert [strat.gpu_fraction_for(c) for c in range(4)] == [0.0, 0.0, 0.25, 0.0]
@@ -109,11 +109,11 @@ def test_quantized_training_keeps_its_gradients_after_an_evaluation(q):
 def test_lora_guided_pruning_and_export_over_an_nf4_base(tmp_path):
     """Importance from dequantized NF4 weights; the export dequantizes, merges, slices and saves a
     float model whose logits match the masked quantized model's."""
+    from fedtune.core.protocol import PruneSpec
     from fedtune.data.batching import Tokenized
     from fedtune.lora.factors import GlobalAdapter
     from fedtune.models.loading import cached_base_model
     from fedtune.pruning.export import export_pruned_model, load_pruned_model
-    from fedtune.pruning.prune_and_tune import PruneSpec
     from fedtune.training.local import head_state, train_local
 
     cfg = _nf4(prune={"ratio": 0.5, "interval": 2})

@@ -15,6 +15,7 @@ from flwr.app import (
 )
 
 from fedtune.core.config import config_from_dict
+from fedtune.core.protocol import NodeIdentity, TrainMetrics, TrainRequest
 from fedtune.lora.factors import dense_delta
 from fedtune.lora.records import factors_to_record, record_to_state, state_to_record
 from strategies import HetLoRA
@@ -62,7 +63,7 @@ class FakeGrid:
         for m in messages:
             node = m.metadata.dst_node_id
             if m.metadata.message_type == MessageType.QUERY:
-                out.append(reply(node, RecordDict({"config": ConfigRecord({"client-id": node - 100})})))
+                out.append(reply(node, RecordDict({"config": ConfigRecord(NodeIdentity(client_id=node - 100).to_config())})))
         return out
 
 
@@ -70,14 +71,14 @@ def good_content(rank, gen, n=10, scale=1.0):
     factors = {m: (torch.randn(rank, i, generator=gen) * scale, torch.randn(o, rank, generator=gen))
                for m, (o, i) in SHAPES.items()}
     head = {"classifier.weight": torch.ones(2, 5)}
-    return factors, RecordDict({"arrays": factors_to_record(factors, head),
-                                "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
+    metrics = TrainMetrics(num_examples=n, train_loss=0.5).to_record()
+    return factors, RecordDict({"arrays": factors_to_record(factors, head), "metrics": MetricRecord(metrics)})
 
 
-def setup(num_clients=4, ranks=(2, 4)):
+def setup(num_clients=4, ranks=(2, 4), structure=None):
     cfg = config_from_dict({"seed": 3, "lora": {"ranks": list(ranks)},
                             "federation": {"num_clients": num_clients, "fraction_train": 1.0}})
-    strat = HetLoRA(cfg)
+    strat = HetLoRA(cfg, structure=structure)
     state = strat.initial_state(SHAPES, HEAD)
     return strat, state
 
@@ -85,19 +86,22 @@ def setup(num_clients=4, ranks=(2, 4)):
 def test_configure_train_sends_each_node_its_rank_projection():
     strat, state = setup()
     grid = FakeGrid(4)
-    msgs = list(strat.configure_train(1, state_to_record(state), ConfigRecord({"experiment": "x"}), grid))
+    msgs = list(strat.configure_train(1, state_to_record(state), ConfigRecord({"extra": "x"}), grid))
     assert len(msgs) == 4
     for m in msgs:
         client = m.metadata.dst_node_id - 100
         rank = (2, 4)[client % 2]
         cfg = m.content["config"]
-        assert cfg["client-id"] == client and cfg["rank"] == rank and cfg["server-round"] == 1
-        assert cfg["experiment"] == "x"
+        request = TrainRequest.from_config(cfg)
+        assert request.client_id == client and request.rank == rank and request.server_round == 1
+        assert request.setup.train == strat.experiment.train and request.prune is None
+        assert cfg["extra"] == "x"  # the loop's own config entries travel beside the request
         payload = record_to_state(m.content["arrays"])
         a, b = payload.adapter["enc.0.q"]
         assert a.shape == (rank, 5) and b.shape == (6, rank)
         torch.testing.assert_close(a, state.adapter["enc.0.q"][0][:rank])
-    assert strat.round_bytes[1]["bytes_down"] > 0
+    arrays, _ = strat.aggregate_train(1, [])
+    assert arrays is None and strat.round_result(1).bytes_down > 0
 
 
 def test_sampling_is_seeded_and_respects_the_fraction():
@@ -123,7 +127,7 @@ def test_aggregate_rejects_bad_updates_and_keeps_the_round_going(gen):
     _, wrong_rank = good_content(4, gen)  # client 2 must answer at rank 2
     replies = [reply(100, good), reply(101, nan_rec), reply(102, wrong_rank)]  # client 3 never answers
     arrays, metrics = strat.aggregate_train(1, replies)
-    recs = {r["client_id"]: r for r in strat.round_clients[1]}
+    recs = {r["client_id"]: r for r in strat.round_result(1).clients}
     assert recs[0]["status"] == "ok"
     assert recs[1]["status"] == "rejected" and "non-finite values in enc.0.v.B" in recs[1]["reason"]
     assert recs[2]["status"] == "rejected" and "expected (2, 5)" in recs[2]["reason"]
@@ -131,7 +135,7 @@ def test_aggregate_rejects_bad_updates_and_keeps_the_round_going(gen):
     new = record_to_state(arrays)
     for m, (a, b) in good_factors.items():  # only the good client contributed
         torch.testing.assert_close(dense_delta(*new.adapter[m]), b @ a)
-    assert metrics["num-ok"] == 1
+    assert metrics["num_ok"] == 1
 
 
 def test_a_crashed_client_is_recorded_and_all_bad_keeps_the_adapter(gen):
@@ -139,11 +143,11 @@ def test_a_crashed_client_is_recorded_and_all_bad_keeps_the_adapter(gen):
     grid = FakeGrid(2)
     list(strat.configure_train(1, state_to_record(state), ConfigRecord(), grid))
     broken = RecordDict({"arrays": ArrayRecord({"junk": torch.zeros(1)}),
-                         "metrics": MetricRecord({"num-examples": 3})})
+                         "metrics": MetricRecord({"num_examples": 3})})
     arrays, metrics = strat.aggregate_train(1, [reply(100, error="client 0: RuntimeError: boom"),
                                                 reply(101, broken)])
     assert arrays is None and metrics is None
-    recs = {r["client_id"]: r for r in strat.round_clients[1]}
+    recs = {r["client_id"]: r for r in strat.round_result(1).clients}
     assert recs[0]["status"] == "failed" and "boom" in recs[0]["reason"]
     assert recs[1]["status"] == "rejected" and "unexpected key 'junk'" in recs[1]["reason"]
 
@@ -152,9 +156,9 @@ def test_masks_that_do_not_match_the_model_are_rejected(gen):
     from fedtune.pruning.masks import masks_to_tensors
     from fedtune.pruning.structure import LayerStructure, full_masks
 
-    strat, state = setup(num_clients=2, ranks=(2,))
-    strat.structure = [LayerStructure(layer=0, attn_in=("enc.0.q",), attn_out="", attn_rows={"enc.0.q": 3},
-                                      num_units=2, ffn_in=(), ffn_out="", ffn_dim=4)]
+    structure = [LayerStructure(layer=0, attn_in=("enc.0.q",), attn_out="", attn_rows={"enc.0.q": 3},
+                                num_units=2, ffn_in=(), ffn_out="", ffn_dim=4)]
+    strat, state = setup(num_clients=2, ranks=(2,), structure=structure)
     grid = FakeGrid(2)
     list(strat.configure_train(1, state_to_record(state), ConfigRecord(), grid))
     factors, good = good_content(2, gen)
@@ -166,7 +170,7 @@ def test_masks_that_do_not_match_the_model_are_rejected(gen):
     wrong[0]["ffn"] = torch.ones(7, dtype=torch.bool)
     bad["masks"] = ArrayRecord(masks_to_tensors(wrong))
     strat.aggregate_train(1, [reply(100, good), reply(101, bad)])
-    recs = {r["client_id"]: r for r in strat.round_clients[1]}
+    recs = {r["client_id"]: r for r in strat.round_result(1).clients}
     assert recs[0]["status"] == "ok" and recs[0]["prune_ratio"] == 0.0
     assert recs[1]["status"] == "rejected" and "do not match the model's structure" in recs[1]["reason"]
     assert torch.equal(strat.client_masks[0][0]["attn"], torch.tensor([True, False]))

@@ -38,6 +38,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+IMPORTANCE_METHODS = ("lora", "magnitude", "random", "taylor")  # LoRAPrune, |W|, random, first-order Taylor
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ class PruneConfig:
         _positive("prune.interval", self.interval)
         if self.recovery_steps < 0:
             raise ConfigError(f"prune.recovery_steps: must be >= 0, got {self.recovery_steps}")
-        _one_of("prune.importance", self.importance, ("lora", "magnitude", "random", "taylor"))
+        _one_of("prune.importance", self.importance, IMPORTANCE_METHODS)
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"prune.ema: must be in [0, 1), got {self.ema}")
         if self.deploy_eval_clients < 0:
@@ -492,3 +493,9 @@ def config_to_toml(cfg: ExperimentConfig) -> str:
 
 def _deep_copy(table: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in table.items()}
+
+
+def section_from_dict(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    """Build and validate one config section (e.g. :class:`ModelConfig` from ``[model]``); errors
+    name the dotted key under ``prefix``."""
+    return _build(cls, table, prefix)

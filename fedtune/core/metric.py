@@ -1,18 +1,68 @@
-"""The run's quality metric: its name, which way is better, and when a target is reached."""
+"""The run's quality metric: its name, which way is better, and when a target is reached.
+
+A classification run is judged by held-out accuracy (higher is better), a causal-LM run by
+held-out perplexity (lower is better). Every place that needs to know asks this module.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["time_to_target"]
+__all__ = ["Metric", "ACCURACY", "PERPLEXITY", "metric_for_task", "metric_of_records", "metric_named",
+           "time_to_target"]
 
 
-def time_to_target(records: list[dict[str, Any]], target: float, metric: str = "eval_accuracy") -> float | None:
-    """Simulated seconds until ``metric`` first reaches ``target`` (None if it never does); a
-    perplexity or loss reaches it from above (lower is better), anything else from below."""
-    lower_better = "perplexity" in metric or metric.endswith("loss")
+@dataclass(frozen=True)
+class Metric:
+    key: str  # the metrics.jsonl key, e.g. "eval_accuracy"
+    short: str  # its name in tables and plots, e.g. "accuracy"
+    higher_is_better: bool
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+    def reaches(self, value: float, target: float) -> bool:
+        """Whether ``value`` is at least as good as ``target``."""
+        return value >= target if self.higher_is_better else value <= target
+
+    def best(self, values: list[float]) -> float:
+        return max(values) if self.higher_is_better else min(values)
+
+    @property
+    def comparator(self) -> str:
+        return ">=" if self.higher_is_better else "<="
+
+
+ACCURACY = Metric("eval_accuracy", "accuracy", True)
+PERPLEXITY = Metric("eval_perplexity", "perplexity", False)
+LOSS = Metric("eval_loss", "loss", False)
+_BY_KEY = {m.key: m for m in (ACCURACY, PERPLEXITY, LOSS)}
+
+
+def metric_for_task(task: str) -> Metric:
+    """Accuracy for ``classification``, perplexity for ``causal-lm``."""
+    return ACCURACY if task == "classification" else PERPLEXITY
+
+
+def metric_named(key: str) -> Metric:
+    """The metric of a metrics.jsonl key; raises ValueError naming an unknown one."""
+    if key not in _BY_KEY:
+        raise ValueError(f"unknown metric {key!r} (known: {', '.join(sorted(_BY_KEY))})")
+    return _BY_KEY[key]
+
+
+def metric_of_records(records: list[dict[str, Any]]) -> Metric:
+    """The metric a run's records carry: accuracy when any record has it, else perplexity."""
+    return ACCURACY if any(r.get(ACCURACY.key) is not None for r in records) else PERPLEXITY
+
+
+def time_to_target(records: list[dict[str, Any]], target: float, metric: str = ACCURACY.key) -> float | None:
+    """Simulated seconds until ``metric`` first reaches ``target`` (None if it never does)."""
+    m = metric_named(metric)
     for rec in records:
         value = rec.get(metric)
-        if value is not None and (value <= target if lower_better else value >= target):
+        if value is not None and m.reaches(value, target):
             return float(rec.get("sim_time_s", 0.0))
     return None

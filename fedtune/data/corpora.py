@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedtune.core.assets import package_dir
 from fedtune.core.config import ConfigError, DataConfig
 
 __all__ = ["CORPORA", "load_corpus"]
@@ -34,8 +35,6 @@ CORPORA = ("rotten-tomatoes", "shakespeare", "chatterbot")
 
 
 def _pkg(package: str) -> Path:
-    from fedtune.core.assets import package_dir
-
     try:
         return package_dir(package)
     except ConfigError as exc:

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.core.config import config_to_toml
 from fedtune.deploy.certificates import generate_certificates, generate_node_keys
+from fedtune.round.outputs import format_progress
 
 __all__ = ["LocalDeployment", "NodeSpec", "flwr_env"]
 
@@ -223,9 +225,6 @@ def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:
 def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool = True, worker: bool = True,
            resume: bool = False, timeout: float = 3600, say: Any = print) -> tuple[str, LocalDeployment]:
     """Start the topology, run ``cfg`` on it, stream its progress, stop everything; returns the run status."""
-    from fedtune.core.config import config_to_toml
-    from fedtune.round.outputs import format_progress
-
     n = cfg.federation.num_clients
     work_dir.mkdir(parents=True, exist_ok=True)
     experiment = work_dir / "experiment.toml"

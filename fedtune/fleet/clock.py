@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.core.config import ExperimentConfig
+from fedtune.core.protocol import ClientKey, Status
 from fedtune.fleet.cost import (
     ClientCost,
     ModelShape,
@@ -27,7 +28,7 @@ from fedtune.fleet.cost import (
 from fedtune.fleet.devices import DeviceProfile, build_fleet, load_profiles
 from fedtune.pruning.structure import LayerStructure, Masks
 
-__all__ = ["FleetSimulator"]
+__all__ = ["FleetSimulator", "FleetClock"]
 
 
 def _rng(seed: int, server_round: int, client_id: int, salt: int) -> random.Random:
@@ -116,3 +117,42 @@ class FleetSimulator:
                                  peak_bytes=self.peak_gb(shape, rank, batch, seq,
                                                          self.quantization(client_id, rank, masks)) * 1e9,
                                  dtype=self.cfg.fleet.dtype, speed_factor=self.speed_factor(client_id, server_round))
+
+
+@dataclass
+class FleetClock:
+    """The simulated clock of synchronous rounds: charges each client-round its cost on its device
+    and advances by the round's length (its slowest survivor, or the deadline when a client was
+    dropped for missing it)."""
+
+    fleet: FleetSimulator
+    deadline_s: float = 0.0  # 0 = no deadline
+    sim_time_s: float = 0.0  # cumulative simulated seconds
+    round_sim_s: dict[int, float] = field(default_factory=dict)
+
+    def charge(self, client_id: int, server_round: int, *, rank: int, masks: Masks | None, steps: int, tokens: int,
+               bytes_down: int, bytes_up: int) -> tuple[dict[str, Any], str | None, str | None]:
+        """The client-round's cost fields for its record, and (status, reason) when it ran out of
+        memory (failed) or missed the deadline (dropped); (None, None) when it survives."""
+        cost = self.fleet.cost(client_id, server_round, rank=rank, masks=masks, steps=steps, tokens=tokens,
+                               bytes_down=bytes_down, bytes_up=bytes_up)
+        device = self.fleet.device(client_id).name
+        fields = {ClientKey.DEVICE: device, ClientKey.SIM_SECONDS: round(cost.total_s, 3),
+                  ClientKey.SIM_COMPUTE_S: round(cost.compute_s, 3), ClientKey.SIM_COMM_S: round(cost.comm_s, 3),
+                  ClientKey.PEAK_MEM_GB: round(cost.peak_mem_gb, 3)}
+        if cost.oom:
+            return fields, Status.FAILED, f"out of memory on {device}: needs {cost.peak_mem_gb:.2f} GB"
+        if self.deadline_s and cost.total_s > self.deadline_s:
+            return fields, Status.DROPPED, f"missed the deadline: {cost.total_s:.1f}s > {self.deadline_s:.1f}s"
+        return fields, None, None
+
+    def advance(self, server_round: int, records: list[dict[str, Any]]) -> float:
+        """End a round: its length from the client records; returns it."""
+        survivors = [r[ClientKey.SIM_SECONDS] for r in records
+                     if r[ClientKey.STATUS] == Status.OK and ClientKey.SIM_SECONDS in r]
+        length = max(survivors, default=0.0)
+        if self.deadline_s and any(r[ClientKey.STATUS] == Status.DROPPED for r in records):
+            length = self.deadline_s
+        self.round_sim_s[server_round] = length
+        self.sim_time_s += length
+        return length

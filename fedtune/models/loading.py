@@ -95,7 +95,7 @@ def smollm2_dir() -> Path:
 
 
 def _drop_gguf_quantization(config_json: Path) -> None:
-    """Caches written before this fix kept GGUF's quantization_config; the weights are fp32."""
+    """A converted checkpoint must not carry GGUF's quantization_config: its weights are fp32."""
     import json
 
     data = json.loads(config_json.read_text())
@@ -234,8 +234,6 @@ def cached_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
 def dequantize_linears(model: torch.nn.Module) -> int:
     """Replace bitsandbytes 4-/8-bit linears by float ``nn.Linear`` holding their dequantized
     weights (what the quantized forward multiplies by); returns how many were replaced."""
-    from fedtune.pruning.structure import float_weight
-
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
@@ -269,3 +267,19 @@ def fresh_float_base(cfg: ExperimentConfig) -> BaseModel:
         return base
     base = cached_base_model(cfg.model, cfg.seed)
     return dataclasses.replace(base, model=copy.deepcopy(base.model))
+
+
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a float tensor, dequantized from bitsandbytes' 4-bit
+    (``Params4bit``) or 8-bit (``Int8Params``) storage when the base is quantized."""
+    w = linear.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if kind == "Int8Params":
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(w, state=getattr(linear, "state", None)).float()
+    return w.float()

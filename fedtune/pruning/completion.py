@@ -29,10 +29,14 @@ from typing import Any, Callable
 
 import torch
 
+from fedtune.core.metric import metric_for_task
+from fedtune.data.batching import collate
 from fedtune.lora.factors import GlobalAdapter
+from fedtune.models.loading import float_weight
 from fedtune.pruning.importance import prune_step, unit_scores, units_to_prune
+from fedtune.pruning.prune_and_tune import unit_ratio
 from fedtune.pruning.slicing import slice_model
-from fedtune.pruning.structure import LayerStructure, Masks, apply_masks, float_weight
+from fedtune.pruning.structure import LayerStructure, Masks, apply_masks
 
 __all__ = ["complete_masks", "deployment_report", "merged_magnitudes", "pick_clients", "reaches"]
 
@@ -129,8 +133,6 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
                       calibration_for: Callable[[int], Any] | None = None, calibration_examples: int = 32) -> dict[str, Any]:
     """Complete every device's masks to ``target`` and measure a few deployed models (module docstring).
     ``calibration_for(client_id)``: the device's own tokenized data (its first examples calibrate)."""
-    from fedtune.data.batching import collate
-    from fedtune.pruning.prune_and_tune import unit_ratio
 
     skip = frozenset(cfg.prune.skip_layers)
     trained = {cid: unit_ratio(m) for cid, m in client_masks.items()}
@@ -174,7 +176,7 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
                 row["latency_ms"] = round(_latency_ms(model, batch), 3)
             del model
         measured.append(row)
-    metric = "eval_accuracy" if cfg.model.task == "classification" else "eval_perplexity"
+    metric = metric_for_task(cfg.model.task).key
 
     def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
         vals = [r[key] for r in rows if r.get(key) is not None]

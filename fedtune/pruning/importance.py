@@ -16,10 +16,10 @@ import torch
 from fedtune.pruning.masks import Masks
 from fedtune.pruning.structure import LayerStructure
 
-__all__ = ["cubic_ratio", "unit_scores", "normalise", "prune_step", "units_to_prune", "IMPORTANCE_METHODS"]
+__all__ = ["cubic_ratio", "unit_scores", "normalise", "prune_step", "units_to_prune"]
 
 
-IMPORTANCE_METHODS = ("lora", "magnitude", "random", "taylor")
+
 
 
 def cubic_ratio(target: float, start: float, step: int, total_steps: int) -> float:

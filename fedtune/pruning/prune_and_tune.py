@@ -9,13 +9,13 @@ head or channel receives no update. The math lives in :mod:`fedtune.pruning`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedtune.core.protocol import PruneSpec
+from fedtune.models.loading import float_weight
 from fedtune.pruning.importance import (
-    IMPORTANCE_METHODS,
     cubic_ratio,
     lora_weight_gradient,
     prune_step,
@@ -25,28 +25,11 @@ from fedtune.pruning.structure import (
     LayerStructure,
     Masks,
     apply_masks,
-    float_weight,
     full_masks,
     module_keep,
 )
 
 __all__ = ["PruneSpec", "PruneAndTune", "unit_ratio", "event_steps"]
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    target: float  # fraction of each layer's heads/groups and FFN channels pruned by the round's end
-    interval: int = 20  # H: local steps between pruning events (FedSpine found 20 best)
-    method: str = "lora"  # importance: lora | magnitude | random | taylor
-    ema: float = 0.9
-    skip_layers: tuple[int, ...] = ()  # layers never pruned
-    recovery_steps: int = 0  # the round's last local steps have no pruning event (the adapter recovers)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.target < 1.0:
-            raise ValueError(f"prune target must be in [0, 1), got {self.target}")
-        if self.method not in IMPORTANCE_METHODS:
-            raise ValueError(f"prune importance must be one of {IMPORTANCE_METHODS}, got {self.method!r}")
 
 
 def event_steps(total_steps: int, interval: int, recovery_steps: int = 0) -> list[int]:
@@ -78,7 +61,7 @@ class PruneAndTune:
         self.gen = torch.Generator().manual_seed(seed)
         self.handles: list[Any] = []
         self.prunable = set(module_keep(structure, self.masks))
-        if spec.method == "taylor":
+        if spec.importance == "taylor":
             for path in self.prunable & set(self.layers):
                 self.layers[path].base_layer.weight.requires_grad_(True)
         self._refresh()
@@ -98,15 +81,15 @@ class PruneAndTune:
                 a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
                 s = layer.scaling["default"]
                 merged = w.float() + s * (b @ a)
-                if self.spec.method == "lora":
+                if self.spec.importance == "lora":
                     ga = a.grad if a.grad is not None else torch.zeros_like(a)
                     gb = b.grad if b.grad is not None else torch.zeros_like(b)
                     out[path] = (lora_weight_gradient(a, b, ga, gb, s) * merged).abs()
-                elif self.spec.method == "taylor":
+                elif self.spec.importance == "taylor":
                     g = layer.base_layer.weight.grad
                     if g is not None:
                         out[path] = (g.float() * w.float()).abs()
-                elif self.spec.method == "magnitude":
+                elif self.spec.importance == "magnitude":
                     out[path] = merged.abs()
                 else:  # random
                     out[path] = torch.rand(merged.shape, generator=self.gen).to(merged.device)
@@ -116,7 +99,7 @@ class PruneAndTune:
         """After ``loss.backward()``: update the EMA of group importance."""
         if not self.num_events:
             return
-        if self.spec.method in ("magnitude", "random") and self.scores is not None:
+        if self.spec.importance in ("magnitude", "random") and self.scores is not None:
             return  # static criteria: computed once
         current = {layer: {k: v.cpu() for k, v in m.items()}  # small per-unit vectors live on the CPU
                    for layer, m in unit_scores(self.structure, self._weight_importance()).items()}
@@ -126,7 +109,7 @@ class PruneAndTune:
             e = self.spec.ema
             self.scores = {layer: {k: e * self.scores[layer][k] + (1 - e) * v for k, v in m.items()}
                            for layer, m in current.items()}
-        if self.spec.method == "taylor":
+        if self.spec.importance == "taylor":
             for path in self.prunable & set(self.layers):
                 self.layers[path].base_layer.weight.grad = None
 

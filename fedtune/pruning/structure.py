@@ -115,22 +115,6 @@ def module_keep(structure: list[LayerStructure], masks: Masks) -> dict[str, tupl
     return out
 
 
-def float_weight(linear: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as a float tensor, dequantized from bitsandbytes' 4-bit
-    (``Params4bit``) or 8-bit (``Int8Params``) storage when the base is quantized."""
-    w = linear.weight
-    kind = type(w).__name__
-    if kind == "Params4bit":
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-    if kind == "Int8Params":
-        from peft.utils.integrations import dequantize_bnb_weight
-
-        return dequantize_bnb_weight(w, state=getattr(linear, "state", None)).float()
-    return w.float()
-
-
 def apply_masks(model: nn.Module, structure: list[LayerStructure], masks: Masks) -> list[Any]:
     """Zero the inputs of each output projection for pruned units; returns hook handles.
 

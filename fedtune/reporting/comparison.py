@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.core.metric import time_to_target
+from fedtune.core.metric import metric_named, metric_of_records, time_to_target
 from fedtune.round.outputs import read_metrics
 
 __all__ = ["run_stats", "find_runs", "report"]
@@ -52,7 +52,7 @@ def find_runs(paths: list[Path], say: Any = print) -> list[Path]:
 
 
 def _metric(records: list[dict[str, Any]]) -> str:
-    return "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in records) else "eval_perplexity"
+    return metric_of_records(records).key
 
 
 def run_stats(run_dir: Path, target: float | None = None) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def run_stats(run_dir: Path, target: float | None = None) -> dict[str, Any]:
         "chosen": info.get("chosen"), "metric": metric, "target": target, "sparsity": info.get("sparsity"),
         "time_to_target_s": time_to_target(records, target, metric) if target else None,
         "final": evals[-1][metric] if evals else None,
-        "best": (min if "perplexity" in metric else max)(r[metric] for r in evals) if evals else None,
+        "best": metric_named(metric).best([r[metric] for r in evals]) if evals else None,
         "sim_time_s": records[-1].get("sim_time_s"), "rounds": records[-1]["round"],
         "wall_time_s": records[-1].get("wall_time_s"),
         "bytes_sent": bytes_by_round[-1] if bytes_by_round else 0,
@@ -129,14 +129,15 @@ def _auto_target(runs: list[dict[str, Any]], metric: str) -> float:
         if r["final"] is not None:
             by.setdefault(r["method"], []).append(r["final"])
     finals = [statistics.fmean(v) for v in by.values()]
-    if "perplexity" in metric:  # rounded away from the value, so the least good method still reaches it
+    if not metric_named(metric).higher_is_better:  # rounded away from the value, so the least good method reaches it
         return math.ceil(max(finals) * 1e4) / 1e4
     return math.floor(min(finals) * 1e4) / 1e4
 
 
 def _setting_table(setting: str, methods: dict[str, dict[str, Any]], metric: str, target: float) -> list[str]:
-    short = "accuracy" if metric == "eval_accuracy" else "perplexity"
-    fmt = (lambda v: f"{v:.4f}") if metric == "eval_accuracy" else (lambda v: f"{v:.2f}")
+    m_ = metric_named(metric)
+    short = m_.short
+    fmt = (lambda v: f"{v:.4f}") if m_.higher_is_better else (lambda v: f"{v:.2f}")
 
     def cell(a: dict[str, Any], f: Any = lambda v: f"{v:.1f}", seeds: bool = False) -> str:
         if a["mean"] is None:
@@ -148,7 +149,7 @@ def _setting_table(setting: str, methods: dict[str, dict[str, Any]], metric: str
             s += f" ({a['n']}/{a['of']} seeds)"
         return s
 
-    lines = [f"Target: {short} {'<=' if short == 'perplexity' else '>='} {fmt(target)} on the server's held-out set"
+    lines = [f"Target: {short} {m_.comparator} {fmt(target)} on the server's held-out set"
              " (global adapter); mean ± std over seeds; a time to target is the mean over the seeds that reached"
              " it (how many, when not all); the speed-up compares those means with the fastest other method's.", "",
              f"| method | simulated s to target | speed-up vs best other | final {short} | deployed {short} |"
@@ -189,7 +190,7 @@ def _plots(setting: str, title: str, runs: list[dict[str, Any]], metric: str, ta
                     label=m if i == 0 else None, marker="o", ms=2.5)
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g}")
     ax.set(xlabel="simulated time (s)", ylabel=metric.replace("eval_", "held-out "), title=f"{title}")
-    if "perplexity" in metric:
+    if not metric_named(metric).higher_is_better:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -301,9 +302,9 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
                 m["speedup_is_lower_bound"] = True
             finals = [o["final"]["mean"] for o in others.values() if o["final"]["mean"] is not None]
             if finals and m["final"]["mean"] is not None:
-                best = min(finals) if "perplexity" in metric else max(finals)
+                best = metric_named(metric).best(finals)
                 m["final_vs_best_baseline"] = round(m["final"]["mean"] - best, 4)
-        key = "final_accuracy" if metric == "eval_accuracy" else "final_perplexity"
+        key = f"final_{metric_named(metric).short}"
         for m in methods.values():
             m[key] = m["final"]["mean"]
             m["time_to_target_s"] = m["time_to_target"]["mean"]  # mean over the seeds that reached it

@@ -1,10 +1,14 @@
 """The server's round loop, shared by ``fedtune simulate`` and ``flwr run``.
 
-Per round: the strategy samples clients and sends each its rank-projected adapter
-(``configure_train``), replies are validated and aggregated (``aggregate_train``), the
-global adapter is evaluated on the held-out set, one JSON line is appended to
-``metrics.jsonl`` and a checkpoint is written (a stopped server resumes from it).
-At the end the global adapter is exported in PEFT format to ``adapter/``.
+Phases, each one function: :func:`setup` (base model, held-out data, the model's prunable
+structure, the simulated fleet, the strategy with those collaborators), :func:`restore`
+(round 0 or the checkpoint), :func:`train` (the rounds) and :func:`finish` (exports and the
+summary). Per round the strategy samples clients and sends each its rank-projected adapter
+(``configure_train``), validates and aggregates the replies (``aggregate_train``) and hands
+back a :class:`~strategies.base.RoundResult`; the loop evaluates the global adapter on the
+held-out set, appends one JSON line to ``metrics.jsonl`` and writes a checkpoint (a stopped
+server resumes from it). At the end the global adapter is exported in PEFT format to
+``adapter/``, pruned per-device models to ``clients/``, and ``summary.json`` is written.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +25,18 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from fedtune.core.config import ExperimentConfig, config_to_toml
-from fedtune.data.batching import tokenize
-from fedtune.data.partition import cached_federated_data
+from fedtune.core.protocol import RoundKey
+from fedtune.data.batching import Tokenized, tokenize
+from fedtune.data.partition import FederatedData, cached_federated_data
+from fedtune.fleet.clock import FleetSimulator
 from fedtune.lora.export import save_peft_adapter
+from fedtune.lora.factors import GlobalAdapter
 from fedtune.lora.records import state_to_record
-from fedtune.models.loading import cached_base_model
+from fedtune.models.loading import BaseModel, cached_base_model
+from fedtune.pruning.completion import deployment_report
 from fedtune.pruning.export import export_pruned_model
-from fedtune.pruning.structure import model_structure
+from fedtune.pruning.masks import Masks
+from fedtune.pruning.structure import LayerStructure, model_structure
 from fedtune.round.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.round.outputs import (
     MetricsWriter,
@@ -36,122 +46,162 @@ from fedtune.round.outputs import (
     summarize,
 )
 from fedtune.training.local import evaluate_global, head_state, lora_shapes
+from strategies.base import LoraStrategy
+from strategies.registry import build_strategy
 
-__all__ = ["run_server"]
+__all__ = ["run_server", "ServerRun", "setup", "restore", "train", "finish"]
 
 
 def _say(line: str) -> None:
     print(f"[fedtune] {line}", file=sys.stdout, flush=True)
 
 
-def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False,
-               strategy: Any = None) -> dict[str, Any]:
-    """Run ``cfg.federation.num_rounds`` rounds on ``grid``; write outputs to ``out_dir``."""
-    from strategies.registry import (
-        build_strategy,  # strategies depend on fedtune, not the reverse
-    )
+@dataclass
+class ServerRun:
+    """Everything a run's server holds between phases."""
 
+    cfg: ExperimentConfig
+    out_dir: Path
+    base: BaseModel
+    fed: FederatedData
+    eval_data: Tokenized
+    structure: list[LayerStructure] | None
+    fleet: FleetSimulator | None
+    strategy: LoraStrategy
+    t_start: float
+    elapsed_before: float = 0.0  # wall seconds of earlier sessions (resume)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.time() - self.t_start, 3)
+
+    def evaluate(self, state: GlobalAdapter, masks: Masks | None = None) -> dict[str, float]:
+        t0 = time.time()
+        metrics = evaluate_global(self.base, state, self.eval_data, self.cfg, masks=masks)
+        return metrics if masks is not None else {**metrics, RoundKey.EVAL_TIME_S: round(time.time() - t0, 3)}
+
+
+def setup(cfg: ExperimentConfig, out_dir: Path) -> ServerRun:
+    """Load the base model and held-out data; build the structure, the fleet and the strategy."""
     t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.toml").write_text(config_to_toml(cfg))
     torch.manual_seed(cfg.seed)
-
-    strategy = strategy or build_strategy(cfg)
     base = cached_base_model(cfg.model, cfg.seed)
     fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
     eval_data = tokenize(fed.eval, base.tokenizer, cfg.model.task, cfg.model.max_length)
+    structure = model_structure(base.model) if (cfg.prunes or cfg.fleet.devices) else None
+    fleet = FleetSimulator.from_config(cfg, base.model, structure) if cfg.fleet.devices and structure is not None else None
+    strategy = build_strategy(cfg, structure=structure, fleet=fleet)
+    return ServerRun(cfg, out_dir, base, fed, eval_data, structure, fleet, strategy, t_start)
 
-    ckpt_dir = out_dir / "checkpoint"
-    start_round, elapsed_before = 0, 0.0
-    if cfg.prunes or cfg.fleet.devices:
-        strategy.structure = model_structure(base.model)
-    if cfg.fleet.devices:
-        from fedtune.fleet.clock import FleetSimulator
 
-        strategy.fleet = FleetSimulator.from_config(cfg, base.model, strategy.structure)
-    if resume and (ckpt_dir / "meta.json").is_file():
-        state, meta = load_checkpoint(ckpt_dir)
-        start_round, elapsed_before = int(meta["round"]), float(meta.get("wall_time_s", 0.0))
-        strategy.load_state_dict(meta.get("strategy", {}))
+def restore(run: ServerRun, resume: bool) -> tuple[GlobalAdapter, int]:
+    """The global state to start from and the last finished round (0 for a new run)."""
+    if resume and (run.ckpt_dir / "meta.json").is_file():
+        state, meta = load_checkpoint(run.ckpt_dir)
+        start_round, run.elapsed_before = int(meta["round"]), float(meta.get("wall_time_s", 0.0))
+        run.strategy.load_state_dict(meta.get("strategy", {}))
         _say(f"resuming from checkpoint after round {start_round}")
     else:
-        state = strategy.initial_state(lora_shapes(base, cfg), head_state(base))
-    strategy.set_state(state)
-    writer = MetricsWriter(out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
-    experiment_toml = config_to_toml(cfg)
+        state, start_round = run.strategy.initial_state(lora_shapes(run.base, run.cfg), head_state(run.base)), 0
+    run.strategy.set_state(state)
+    return state, start_round
+
+
+def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) -> GlobalAdapter:
+    """Rounds ``start_round + 1 .. num_rounds``: one metrics line and one checkpoint each."""
+    cfg, strategy = run.cfg, run.strategy
     num_rounds = cfg.federation.num_rounds
+    writer = MetricsWriter(run.out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
     _say(f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}, {cfg.federation.num_clients} clients,"
-         f" strategy {type(strategy).__name__}, ranks {sorted(set(cfg.lora.ranks))}, {num_rounds} rounds -> {out_dir}")
-
-    def elapsed() -> float:
-        return round(elapsed_before + time.time() - t_start, 3)
-
-    def evaluate(st: Any) -> dict[str, float]:
-        t0 = time.time()
-        return {**evaluate_global(base, st, eval_data, cfg), "eval_time_s": round(time.time() - t0, 3)}
-
+         f" strategy {type(strategy).__name__}, ranks {sorted(set(cfg.lora.ranks))}, {num_rounds} rounds"
+         f" -> {run.out_dir}")
     if start_round == 0:
-        rec = {"round": 0, "wall_time_s": 0.0, **evaluate(state), "bytes_up": 0, "bytes_down": 0, "clients": []}
-        if strategy.fleet is not None:
-            rec["sim_time_s"] = 0.0
-        rec["wall_time_s"] = elapsed()
+        rec = {RoundKey.ROUND: 0, RoundKey.WALL_TIME_S: 0.0, **run.evaluate(state), RoundKey.BYTES_UP: 0,
+               RoundKey.BYTES_DOWN: 0, RoundKey.CLIENTS: []}
+        if run.fleet is not None:
+            rec[RoundKey.SIM_TIME_S] = 0.0
+        rec[RoundKey.WALL_TIME_S] = run.elapsed()
         writer.write(rec)
         _say(format_progress(rec, num_rounds))
-
     arrays = state_to_record(state)
     for rnd in range(start_round + 1, num_rounds + 1):
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord({"experiment": experiment_toml}), grid)
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord({}), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s)
-        new_arrays, agg = strategy.aggregate_train(rnd, replies)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        state = strategy.current  # the decoded global state (unchanged when no update was valid)
-        rec = {"round": rnd, "wall_time_s": 0.0}
+        result = strategy.round_result(rnd)
+        state = result.state
+        rec = {RoundKey.ROUND: rnd, RoundKey.WALL_TIME_S: 0.0}
         if rnd % cfg.federation.evaluate_every == 0 or rnd == num_rounds:
-            rec.update(evaluate(state))
-        rec["train_loss"] = float(agg["train-loss"]) if agg is not None else None
-        rec.update(strategy.round_bytes.get(rnd, {"bytes_up": 0, "bytes_down": 0}))
-        rec["clients"] = strategy.round_clients.get(rnd, [])
-        if strategy.fleet is not None:
-            rec["sim_time_s"] = round(strategy.sim_time_s, 3)
-            rec["round_sim_s"] = round(strategy.round_sim_s.get(rnd, 0.0), 3)
-        rec["wall_time_s"] = elapsed()
+            rec.update(run.evaluate(state))
+        rec.update({RoundKey.TRAIN_LOSS: result.train_loss, RoundKey.BYTES_UP: result.bytes_up,
+                    RoundKey.BYTES_DOWN: result.bytes_down, RoundKey.CLIENTS: result.clients})
+        if run.fleet is not None:
+            rec[RoundKey.SIM_TIME_S] = round(result.sim_time_s or 0.0, 3)
+            rec[RoundKey.ROUND_SIM_S] = round(result.round_sim_s or 0.0, 3)
+        rec[RoundKey.WALL_TIME_S] = run.elapsed()
         writer.write(rec)
-        save_checkpoint(state, rnd, ckpt_dir, {"wall_time_s": rec["wall_time_s"], "strategy": strategy.state_dict()})
+        save_checkpoint(state, rnd, run.ckpt_dir, {"wall_time_s": rec[RoundKey.WALL_TIME_S],
+                                                   "strategy": strategy.state_dict()})
         _say(format_progress(rec, num_rounds))
+    return state
 
-    adapter_dir = save_peft_adapter(state, cfg, out_dir / "adapter")
-    def payload_for(cid: int) -> Any:
+
+def _deploy_devices(run: ServerRun, state: GlobalAdapter) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Pruned per-device models (``clients/<id>/model``) and the deployment report."""
+    cfg, strategy = run.cfg, run.strategy
+    masks_by_client = strategy.client_masks
+
+    def payload_for(cid: int) -> GlobalAdapter:
         """What client ``cid`` deploys: the global adapter at its last round's rank."""
-        return strategy.client_payload(state, cid, strategy.rank_for(cid, num_rounds))
+        return strategy.client_payload(state, cid, strategy.rank_for(cid, cfg.federation.num_rounds))
 
     client_models: dict[str, Any] = {}
-    if cfg.prunes and cfg.prune.export_client_models and strategy.client_masks:
-        _say(f"exporting {len(strategy.client_masks)} pruned client models to {out_dir / 'clients'}")
-        for cid, masks in sorted(strategy.client_masks.items()):
+    if cfg.prunes and cfg.prune.export_client_models and masks_by_client:
+        _say(f"exporting {len(masks_by_client)} pruned client models to {run.out_dir / 'clients'}")
+        for cid, masks in sorted(masks_by_client.items()):
             client_models[str(cid)] = export_pruned_model(payload_for(cid), masks, cfg,
-                                                           out_dir / "clients" / str(cid) / "model")
-    deployment = None
-    if cfg.deploy_sparsity > 0 and strategy.client_masks:
-        from fedtune.pruning.completion import deployment_report
+                                                           run.out_dir / "clients" / str(cid) / "model")
+    if not (cfg.deploy_sparsity > 0 and masks_by_client):
+        return client_models, None
+    classes = {cid: run.fleet.device(cid).name for cid in masks_by_client} if run.fleet is not None else {}
+    deployment = deployment_report(
+        run.base, cfg, state, run.structure, masks_by_client, cfg.deploy_sparsity, run.eval_data,
+        payload_for=payload_for, classes=classes, evaluate=lambda st, masks: run.evaluate(st, masks),
+        say=_say, calibration_for=lambda cid: tokenize(run.fed.partition(cid), run.base.tokenizer, cfg.model.task,
+                                                       cfg.model.max_length))
+    return client_models, deployment
 
-        classes = ({cid: strategy.fleet.device(cid).name for cid in strategy.client_masks}
-                   if strategy.fleet is not None else {})
-        deployment = deployment_report(
-            base, cfg, state, strategy.structure, strategy.client_masks, cfg.deploy_sparsity, eval_data,
-            payload_for=payload_for,
-            classes=classes, evaluate=lambda st, masks: evaluate_global(base, st, eval_data, cfg, masks=masks),
-            say=_say, calibration_for=lambda cid: tokenize(fed.partition(cid), base.tokenizer, cfg.model.task,
-                                                           cfg.model.max_length))
-    records = read_metrics(out_dir / "metrics.jsonl")
-    plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.name}: {type(strategy).__name__}")
+
+def finish(run: ServerRun, state: GlobalAdapter) -> dict[str, Any]:
+    """Export the adapter and per-device models, plot, and write ``summary.json``."""
+    cfg = run.cfg
+    adapter_dir = save_peft_adapter(state, cfg, run.out_dir / "adapter")
+    client_models, deployment = _deploy_devices(run, state)
+    records = read_metrics(run.out_dir / "metrics.jsonl")
+    name = type(run.strategy).__name__
+    plot = plot_metrics(records, run.out_dir / "metrics.png", title=f"{cfg.name}: {name}")
     summary = summarize(records, {
-        "name": cfg.name, "strategy": type(strategy).__name__, "model": cfg.model.name,
+        "name": cfg.name, "strategy": name, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "num_clients": cfg.federation.num_clients,
         "adapter_dir": str(adapter_dir), "plot": str(plot) if plot else None,
         **({"client_models": client_models} if client_models else {}),
         **({"deployment": deployment} if deployment else {}),
     })
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _say(f"done in {summary['wall_time_s']:.1f}s; summary: {out_dir / 'summary.json'}")
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _say(f"done in {summary['wall_time_s']:.1f}s; summary: {run.out_dir / 'summary.json'}")
     return summary
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg.federation.num_rounds`` rounds on ``grid``; write outputs to ``out_dir``."""
+    run = setup(cfg, out_dir)
+    state, start_round = restore(run, resume)
+    state = train(grid, run, state, start_round)
+    return finish(run, state)

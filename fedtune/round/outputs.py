@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedtune.core.metric import metric_of_records
+
 __all__ = ["MetricsWriter", "read_metrics", "summarize", "plot_metrics", "format_progress"]
 
 
@@ -42,7 +44,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     first, last = records[0], records[-1]
-    metric = "eval_accuracy" if "eval_accuracy" in first else "eval_perplexity"
+    metric = metric_of_records([first]).key
     evals = [r for r in records if r.get(metric) is not None]
     out = {
         "rounds": last["round"],
@@ -73,7 +75,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib comes with flwr-datasets
         return None
-    metric = "eval_accuracy" if "eval_accuracy" in records[0] else "eval_perplexity"
+    metric = metric_of_records(records[:1]).key
     ev = [(r["round"], r[metric]) for r in records if r.get(metric) is not None]
     tl = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

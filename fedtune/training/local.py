@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedtune.core.config import ExperimentConfig
+from fedtune.core.protocol import PruneSpec, TrainerSettings
 from fedtune.data.batching import Tokenized, batches, collate, label_log_prior
 from fedtune.lora.attach import (
     add_frozen_delta,
@@ -27,7 +27,7 @@ from fedtune.lora.attach import (
 )
 from fedtune.lora.factors import Factors, GlobalAdapter, adapter_rank
 from fedtune.models.loading import BaseModel
-from fedtune.pruning.prune_and_tune import PruneAndTune, PruneSpec
+from fedtune.pruning.prune_and_tune import PruneAndTune
 from fedtune.pruning.structure import Masks, apply_masks, model_structure, sparsity
 from fedtune.training.loss import chunked_causal_lm_loss
 
@@ -50,7 +50,7 @@ class LocalResult:
     sparsity: float = 0.0  # fraction of prunable parameters removed
 
 
-def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: ExperimentConfig) -> tuple[Any, list[Any]]:
+def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: TrainerSettings) -> tuple[Any, list[Any]]:
     """Inject LoRA at ``rank``, load the state's factors and head, hook its frozen part."""
     peft_model = attach_lora(base, rank, cfg.lora, cfg.prunes)
     try:
@@ -81,7 +81,7 @@ def _release(peft_model: Any, base: BaseModel, handles: list[Any], head: dict[st
             params[name].copy_(t)
 
 
-def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: ExperimentConfig,
+def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: TrainerSettings,
                 *, train_a: bool = True, seed: int = 0, prune: PruneSpec | None = None,
                 masks: Masks | None = None, scores: dict[int, dict[str, torch.Tensor]] | None = None,
                 steps: int | None = None) -> LocalResult:
@@ -170,7 +170,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
 
 
 @torch.no_grad()
-def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: ExperimentConfig,
+def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg: TrainerSettings,
                     masks: Masks | None = None) -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM) of a global state
     (with ``masks``: of the pruned model those masks describe)."""
@@ -204,7 +204,7 @@ def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def lora_shapes(base: BaseModel, cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
+def lora_shapes(base: BaseModel, cfg: TrainerSettings) -> dict[str, tuple[int, int]]:
     """(out, in) of every module LoRA targets in this base model."""
     peft_model = attach_lora(base, 1, cfg.lora, cfg.prunes)
     try:

@@ -58,11 +58,11 @@ def run_one(model: str, method: str | None, target: float, prune_steps: int, rec
     """Train (and prune) one configuration; returns metrics and the final state and masks."""
     import torch
 
+    from fedtune.core.protocol import PruneSpec
     from fedtune.data.batching import tokenize
     from fedtune.data.partition import cached_federated_data
     from fedtune.lora.factors import GlobalAdapter
     from fedtune.models.loading import cached_base_model
-    from fedtune.pruning.prune_and_tune import PruneSpec
     from fedtune.training.local import (
         evaluate_global,
         head_state,
@@ -89,7 +89,7 @@ def run_one(model: str, method: str | None, target: float, prune_steps: int, rec
         state = GlobalAdapter(adapter=res.factors, head=res.head)
         masks = None
     else:
-        spec = PruneSpec(target=target, interval=20, method=method)
+        spec = PruneSpec(target=target, interval=20, importance=method)
         res = train_local(base, state, 8, train, cfg, seed=1, prune=spec, steps=prune_steps)
         state = GlobalAdapter(adapter=res.factors, head=res.head)
         out["after_pruning"] = evaluate_global(base, state, ev, cfg, masks=res.masks)

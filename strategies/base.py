@@ -20,7 +20,6 @@ folded into B).
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from fedtune.core.protocol import (
 from fedtune.core.protocol import (
     INFO as INFO_RECORD,
 )
+from fedtune.core.seeding import derive_seed, rng, torch_generator
 from fedtune.fleet.clock import FleetClock, FleetSimulator
 from fedtune.lora.factors import (
     ClientUpdate,
@@ -176,7 +176,7 @@ class LoraStrategy(Strategy):
 
     def initial_state(self, shapes: dict[str, tuple[int, int]], head: dict[str, torch.Tensor]) -> GlobalAdapter:
         """The round-0 global model: peft's LoRA init at the global rank (B = 0), and the head."""
-        gen = torch.Generator().manual_seed(self.experiment.seed)
+        gen = torch_generator(self.experiment.seed, "init")
         return GlobalAdapter(adapter=init_factors(shapes, self.global_rank, gen), head=dict(head))
 
     def rank_for(self, client_id: int, server_round: int) -> int:
@@ -245,12 +245,12 @@ class LoraStrategy(Strategy):
             time.sleep(1.0)
         self.discover_clients(grid)
         nodes = sorted(nodes, key=lambda n: self.node_clients[n])
-        rng = random.Random(self.experiment.seed * 1_000_003 + server_round)
+        sampler = rng(self.experiment.seed, "sample", server_round)
         size = fed.sample_size(len(nodes))
         if self.fleet is not None:  # only devices that take part this round can be sampled
             nodes = [n for n in nodes if self.fleet.available(self.node_clients[n], server_round)]
             size = min(size, len(nodes))
-        chosen = rng.sample(nodes, size)
+        chosen = sampler.sample(nodes, size)
         return sorted(chosen, key=lambda n: self.node_clients[n])
 
     def train_request(self, client_id: int, server_round: int, rank: int) -> TrainRequest:
@@ -264,7 +264,7 @@ class LoraStrategy(Strategy):
                               skip_layers=tuple(pc.skip_layers), recovery_steps=pc.recovery_steps)
         return TrainRequest(
             server_round=server_round, client_id=client_id, rank=rank,
-            seed=exp.seed * 1_000_003 + server_round * 10_007 + client_id,
+            seed=derive_seed(exp.seed, "client", server_round, client_id),
             setup=client_setup(exp, self.quantization_for(client_id, rank)), train_a=self.trains_a, prune=prune,
             gpu_fraction=self.gpu_fraction_for(client_id), fault=exp.faults.fault_for(client_id, server_round),
             hang_s=exp.faults.hang_s)

@@ -18,6 +18,8 @@ from typing import Any
 
 from fedtune.core.config import ConfigError, ExperimentConfig
 from fedtune.core.plugins import load_plugin
+from fedtune.core.protocol import ClientKey as K
+from fedtune.core.protocol import Status
 from fedtune.fleet.policies import POLICIES, Arm, Policy, StaticPolicy, make_policy
 from fedtune.fleet.rewards import fedspine_reward
 from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter
@@ -95,33 +97,33 @@ class FedSpine(LoraStrategy):
 
     def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
         """Reward every client that was sent an arm this round; failures score 0."""
-        ok = [r for r in records if r["status"] == "ok"]
-        times = [r.get("sim_seconds", r.get("train_time_s", 0.0)) for r in ok]
+        ok = [r for r in records if r[K.STATUS] == Status.OK]
+        times = [r.get(K.SIM_SECONDS, r.get(K.TRAIN_TIME_S, 0.0)) for r in ok]
         fastest = min((t for t in times if t and t > 0), default=1.0)
         target = self.experiment.policy.target_sparsity
         for rec in records:
-            key = (server_round, rec["client_id"])
+            key = (server_round, rec[K.CLIENT_ID])
             if key not in self.arms:
                 continue
             arm = self.arms.pop(key)
-            if rec["status"] == "ok":
-                self.sparsity[rec["client_id"]] = float(rec.get("prune_ratio", 0.0))
-            if rec["status"] != "ok":
+            if rec[K.STATUS] == Status.OK:
+                self.sparsity[rec[K.CLIENT_ID]] = float(rec.get(K.PRUNE_RATIO, 0.0))
+            if rec[K.STATUS] != Status.OK:
                 reward = 0.0
             else:
                 reward = fedspine_reward(
-                    loss_prev=rec.get("loss_start", rec.get("train_loss", 0.0)),
-                    loss_now=rec.get("loss_end", rec.get("train_loss", 0.0)),
-                    reached=rec.get("prune_ratio", 0.0), target=target,
-                    seconds=rec.get("sim_seconds", rec.get("train_time_s", 1.0)) or 1.0, fastest_seconds=fastest)
-            rec["reward"] = round(reward, 4)
-            rec["arm"] = {"ratio": arm.ratio, "rank": arm.rank}
-            self.policy.update(rec["client_id"], arm, reward)
+                    loss_prev=rec.get(K.LOSS_START, rec.get(K.TRAIN_LOSS, 0.0)),
+                    loss_now=rec.get(K.LOSS_END, rec.get(K.TRAIN_LOSS, 0.0)),
+                    reached=rec.get(K.PRUNE_RATIO, 0.0), target=target,
+                    seconds=rec.get(K.SIM_SECONDS, rec.get(K.TRAIN_TIME_S, 1.0)) or 1.0, fastest_seconds=fastest)
+            rec[K.REWARD] = round(reward, 4)
+            rec[K.ARM] = {"ratio": arm.ratio, "rank": arm.rank}
+            self.policy.update(rec[K.CLIENT_ID], arm, reward)
         observe = getattr(self.policy, "observe", None)  # optional: policies that pool by observed speed
         if callable(observe) and times:
             median = sorted(times)[len(times) // 2]
             for rec, t in zip(ok, times):
-                observe(rec["client_id"], float(t or 0.0), float(median or 0.0))
+                observe(rec[K.CLIENT_ID], float(t or 0.0), float(median or 0.0))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "policy": self.policy.state_dict(),

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.core.seeding import torch_generator
 from fedtune.lora.factors import (
     ClientUpdate,
     Factors,
@@ -68,6 +69,6 @@ class FLoRA(LoraStrategy):
     def aggregate(self, updates: list[ClientUpdate], current: GlobalAdapter) -> GlobalAdapter:
         frozen = merge_frozen(current.frozen, self.aggregate_adapters(updates, current), self.max_frozen_rank)
         shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in current.adapter.items()}
-        round_seed = self.experiment.seed * 7919 + self.server_round  # the same after a resume
-        fresh = init_factors(shapes, self.global_rank, torch.Generator().manual_seed(round_seed))
+        gen = torch_generator(self.experiment.seed, "flora", self.server_round)  # the same after a resume
+        fresh = init_factors(shapes, self.global_rank, gen)
         return GlobalAdapter(adapter=fresh, frozen=frozen, head=weighted_head_average(updates) or current.head)

@@ -11,12 +11,12 @@ Only the server-side simulator reads device profiles; policies see the outcomes.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.core.config import ExperimentConfig
 from fedtune.core.protocol import ClientKey, Status
+from fedtune.core.seeding import rng
 from fedtune.fleet.cost import (
     ClientCost,
     ModelShape,
@@ -29,10 +29,6 @@ from fedtune.fleet.devices import DeviceProfile, build_fleet, load_profiles
 from fedtune.pruning.structure import LayerStructure, Masks
 
 __all__ = ["FleetSimulator", "FleetClock"]
-
-
-def _rng(seed: int, server_round: int, client_id: int, salt: int) -> random.Random:
-    return random.Random(((seed * 1_000_003 + server_round) * 10_007 + client_id) * 31 + salt)
 
 
 @dataclass
@@ -68,11 +64,11 @@ class FleetSimulator:
     def available(self, client_id: int, server_round: int) -> bool:
         if not self.cfg.fleet.simulate_availability:
             return True
-        return _rng(self.cfg.seed, server_round, client_id, 1).random() < self.device(client_id).availability
+        return rng(self.cfg.seed, "availability", server_round, client_id).random() < self.device(client_id).availability
 
     def speed_factor(self, client_id: int, server_round: int) -> float:
         jitter = self.device(client_id).jitter
-        return math.exp(_rng(self.cfg.seed, server_round, client_id, 2).gauss(0.0, jitter)) if jitter else 1.0
+        return math.exp(rng(self.cfg.seed, "speed", server_round, client_id).gauss(0.0, jitter)) if jitter else 1.0
 
     # Costs assume LoRA on every prunable module (lora_modules=None): the conservative, largest estimate.
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import math
 import random
-import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from fedtune.core.seeding import rng
 
 __all__ = ["Arm", "Policy", "POLICIES", "make_policy", "arm_grid"]
 
@@ -65,8 +66,7 @@ def arm_grid(ratios: list[float], ranks: list[int]) -> list[Arm]:
 
 def _rng(seed: int, key: Any) -> random.Random:
     """A learner's generator from (seed, client id or pooled learner name), stable across processes."""
-    k = key if isinstance(key, int) else zlib.crc32(str(key).encode())
-    return random.Random(seed * 1_000_003 + k * 7_919 + 17)
+    return rng(seed, "policy", key if isinstance(key, int) else str(key))
 
 
 class _PerClient:

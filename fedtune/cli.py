@@ -79,70 +79,80 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _strategies(args: argparse.Namespace) -> int:
+    from strategies.registry import STRATEGIES
+
+    for name, cls in sorted(STRATEGIES.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:10s} {doc[0] if doc else ''}")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedtune.deploy.certificates import generate_certificates, generate_node_keys
+
+    paths = generate_certificates(args.out, ("127.0.0.1", "localhost", "superlink", *args.host))
+    keys = generate_node_keys(args.out / "keys", [f"supernode-{i}" for i in range(args.nodes)])
+    print(f"[fedtune] wrote {', '.join(p.name for p in paths.values())} and {len(keys)} SuperNode key pairs"
+          f" to {args.out} (private keys mode 0600)")
+    return 0
+
+
+def _compose(args: argparse.Namespace) -> int:
+    from fedtune.deploy.compose import write_compose
+    from fedtune.deploy.processes import NodeSpec, node_specs
+
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes: must be >= 1, got {args.nodes}")
+    cfg = load_config(args.config) if args.config else None
+    nodes = (node_specs(cfg, args.nodes) if cfg and cfg.fleet.devices
+             else [NodeSpec(i, args.nodes) for i in range(args.nodes)])
+    for path in write_compose(args.dir, nodes):
+        print(f"[fedtune] wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedtune.reporting.comparison import report
+
+    out = args.out or args.runs[0] / "report"
     try:
-        if args.command == "strategies":
-            from strategies.registry import STRATEGIES
+        report(args.runs, out, target=args.target, command="fedtune report " + " ".join(map(str, args.runs)))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc).removeprefix("fedtune report: ")) from None
+    print(f"[fedtune] wrote {out / 'table.md'}, {out / 'summary.json'} and plots to {out}")
+    return 0
 
-            for name, cls in sorted(STRATEGIES.items()):
-                doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-                print(f"{name:10s} {doc[0] if doc else ''}")
-            return 0
-        if args.command == "certs":
-            from fedtune.deploy.certificates import (
-                generate_certificates,
-                generate_node_keys,
-            )
 
-            paths = generate_certificates(args.out, ("127.0.0.1", "localhost", "superlink", *args.host))
-            keys = generate_node_keys(args.out / "keys", [f"supernode-{i}" for i in range(args.nodes)])
-            print(f"[fedtune] wrote {', '.join(p.name for p in paths.values())} and {len(keys)} SuperNode key pairs"
-                  f" to {args.out} (private keys mode 0600)")
-            return 0
-        if args.command == "compose":
-            from fedtune.deploy.compose import write_compose
-            from fedtune.deploy.processes import NodeSpec, node_specs
+def _config(args: argparse.Namespace) -> int:
+    print(config_to_toml(_load(args)), end="")
+    return 0
 
-            if args.nodes < 1:
-                raise ConfigError(f"--nodes: must be >= 1, got {args.nodes}")
-            cfg = load_config(args.config) if args.config else None
-            nodes = (node_specs(cfg, args.nodes) if cfg and cfg.fleet.devices
-                     else [NodeSpec(i, args.nodes) for i in range(args.nodes)])
-            for path in write_compose(args.dir, nodes):
-                print(f"[fedtune] wrote {path}")
-            return 0
-        if args.command == "report":
-            from fedtune.reporting.comparison import report
 
-            out = args.out or args.runs[0] / "report"
-            try:
-                report(args.runs, out, target=args.target, command="fedtune report " + " ".join(map(str, args.runs)))
-            except FileNotFoundError as exc:
-                raise ConfigError(str(exc).removeprefix("fedtune report: ")) from None
-            print(f"[fedtune] wrote {out / 'table.md'}, {out / 'summary.json'} and plots to {out}")
-            return 0
-        cfg = _load(args)
-        if args.command == "config":
-            print(config_to_toml(cfg), end="")
-            return 0
-        if args.command == "deploy":
-            return _deploy(args, cfg)
-        from fedtune.engine.simulation import preflight, prepare_environment, simulate
+def _simulate(args: argparse.Namespace) -> int:
+    from fedtune.engine.simulation import preflight, prepare_environment, simulate
 
-        prepare_environment(cfg, args.verbose)
-
-        out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _check_resume(args, out)
-        preflight(cfg)
-        summary = simulate(cfg, out, resume=args.resume, verbose=args.verbose)
-    except ConfigError as exc:
-        print(f"fedtune: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = _load(args)
+    prepare_environment(cfg, args.verbose)
+    out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_resume(args, out)
+    preflight(cfg)
+    summary = simulate(cfg, out, resume=args.resume, verbose=args.verbose)
     metric = summary["metric"]
     print(f"[fedtune] {metric}: {summary[f'initial_{metric}']:.4f} (round 0) -> {summary[f'final_{metric}']:.4f}"
           f" (round {summary['rounds']}); outputs in {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"strategies": _strategies, "certs": _certs, "compose": _compose, "report": _report,
+                "config": _config, "deploy": lambda a: _deploy(a, _load(a)), "simulate": _simulate}
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check_resume(args: argparse.Namespace, out: Path) -> None:

@@ -28,12 +28,34 @@ from fedtune.fleet.cost import (
 from fedtune.fleet.devices import DeviceProfile, build_fleet, load_profiles
 from fedtune.pruning.structure import LayerStructure, Masks
 
-__all__ = ["FleetSimulator", "FleetClock"]
+__all__ = ["Workload", "FleetSimulator", "FleetClock"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one client-round runs, as the cost model needs it (from the experiment's config)."""
+
+    seed: int  # the run's seed (availability and speed jitter draws)
+    task: str  # "classification" or "causal-lm"
+    num_labels: int
+    batch_size: int
+    max_length: int  # worst-case sequence length (memory prechecks)
+    dtype: str  # compute dtype of the devices' peak throughput
+    quantization: str  # "none" | "nf4" | "int8" | "auto" (the widest width that fits)
+    quantization_by_device: dict[str, str] = field(default_factory=dict)  # device class -> width
+    simulate_availability: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> Workload:
+        return cls(seed=cfg.seed, task=cfg.model.task, num_labels=cfg.model.num_labels,
+                   batch_size=cfg.train.batch_size, max_length=cfg.model.max_length, dtype=cfg.fleet.dtype,
+                   quantization=cfg.model.quantization, quantization_by_device=dict(cfg.model.quantization_by_device),
+                   simulate_availability=cfg.fleet.simulate_availability)
 
 
 @dataclass
 class FleetSimulator:
-    cfg: ExperimentConfig
+    work: Workload
     devices: list[DeviceProfile]
     model_config: Any
     structure: list[LayerStructure]
@@ -47,7 +69,7 @@ class FleetSimulator:
         devices = build_fleet(cfg.fleet.devices, profiles)
         prunable = sum(o * i for shapes in model_shape(model.config, structure).layers for o, i in shapes.values())
         total = sum(p.numel() for p in model.parameters())
-        return cls(cfg, devices, model.config, structure, total - prunable, profiles)
+        return cls(Workload.from_config(cfg), devices, model.config, structure, total - prunable, profiles)
 
     def declare(self, client_id: int, device: str) -> None:
         """A deployed node's own device class (its ``device`` node config) replaces the mix's."""
@@ -62,13 +84,13 @@ class FleetSimulator:
         return self.devices[client_id % len(self.devices)]
 
     def available(self, client_id: int, server_round: int) -> bool:
-        if not self.cfg.fleet.simulate_availability:
+        if not self.work.simulate_availability:
             return True
-        return rng(self.cfg.seed, "availability", server_round, client_id).random() < self.device(client_id).availability
+        return rng(self.work.seed, "availability", server_round, client_id).random() < self.device(client_id).availability
 
     def speed_factor(self, client_id: int, server_round: int) -> float:
         jitter = self.device(client_id).jitter
-        return math.exp(rng(self.cfg.seed, "speed", server_round, client_id).gauss(0.0, jitter)) if jitter else 1.0
+        return math.exp(rng(self.work.seed, "speed", server_round, client_id).gauss(0.0, jitter)) if jitter else 1.0
 
     # Costs assume LoRA on every prunable module (lora_modules=None): the conservative, largest estimate.
 
@@ -76,27 +98,27 @@ class FleetSimulator:
         return model_shape(self.model_config, self.structure, masks, self.embedding_params)
 
     def peak_gb(self, shape: ModelShape, rank: int, batch: int, seq: int, quantization: str = "none") -> float:
-        head = 0 if self.cfg.model.task != "classification" else shape.hidden * (self.cfg.model.num_labels + 1)
+        head = 0 if self.work.task != "classification" else shape.hidden * (self.work.num_labels + 1)
         return peak_memory_bytes(shape, batch, seq, rank, quantization, None, trainable_extra=head) / 1e9
 
     def quantization(self, client_id: int, rank: int, masks: Masks | None) -> str:
         """The client's base-weight width: its device class's setting, or with ``auto`` the widest
         (none, then int8, then nf4) whose predicted peak memory fits the device (FedPipe)."""
-        mc, dev = self.cfg.model, self.device(client_id)
-        if dev.name in mc.quantization_by_device:
-            return mc.quantization_by_device[dev.name]
-        if mc.quantization != "auto":
-            return mc.quantization
+        w, dev = self.work, self.device(client_id)
+        if dev.name in w.quantization_by_device:
+            return w.quantization_by_device[dev.name]
+        if w.quantization != "auto":
+            return w.quantization
         shape = self.shape(masks)
         for width in ("none", "int8", "nf4"):
-            if self.peak_gb(shape, rank, self.cfg.train.batch_size, mc.max_length, width) <= dev.memory_gb:
+            if self.peak_gb(shape, rank, w.batch_size, w.max_length, width) <= dev.memory_gb:
                 return width
         return "nf4"  # nothing fits: the narrowest, and the precheck reports the OOM
 
     def precheck(self, client_id: int, rank: int, masks: Masks | None) -> str | None:
         """The OOM reason for this configuration at the worst-case sequence length, else None."""
         dev = self.device(client_id)
-        gb = self.peak_gb(self.shape(masks), rank, self.cfg.train.batch_size, self.cfg.model.max_length,
+        gb = self.peak_gb(self.shape(masks), rank, self.work.batch_size, self.work.max_length,
                           self.quantization(client_id, rank, masks))
         if gb > dev.memory_gb:
             return f"out of memory on {dev.name}: needs {gb:.2f} GB, has {dev.memory_gb:.2f} GB"
@@ -104,15 +126,15 @@ class FleetSimulator:
 
     def cost(self, client_id: int, server_round: int, *, rank: int, masks: Masks | None, steps: int,
              tokens: int, bytes_down: int, bytes_up: int) -> ClientCost:
-        batch = self.cfg.train.batch_size
+        batch = self.work.batch_size
         seq = max(1, round(tokens / max(steps * batch, 1)))
         shape = self.shape(masks)
-        flops = train_flops(shape, batch, seq, rank, None, causal_lm=self.cfg.model.task != "classification")
+        flops = train_flops(shape, batch, seq, rank, None, causal_lm=self.work.task != "classification")
         return client_round_cost(self.device(client_id), flops_per_step=flops, steps=steps, bytes_down=bytes_down,
                                  bytes_up=bytes_up,
                                  peak_bytes=self.peak_gb(shape, rank, batch, seq,
                                                          self.quantization(client_id, rank, masks)) * 1e9,
-                                 dtype=self.cfg.fleet.dtype, speed_factor=self.speed_factor(client_id, server_round))
+                                 dtype=self.work.dtype, speed_factor=self.speed_factor(client_id, server_round))
 
 
 @dataclass

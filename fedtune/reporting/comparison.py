@@ -244,6 +244,91 @@ def _save(fig: Any, axes: Any, title: str, path: Path) -> str:
     return path.name
 
 
+def _method_stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's runs (one per seed) aggregated: mean, std and count per figure, and per seed."""
+    return {
+        "seeds": len(rs), "chosen": rs[0]["chosen"],
+        "time_to_target": _agg([r["time_to_target_s"] for r in rs]),
+        "final": _agg([r["final"] for r in rs]), "best": _agg([r["best"] for r in rs]),
+        "deployed_metric": _agg([r["deployed_metric"] for r in rs]),
+        "latency_ms": _agg([r["latency_ms"] for r in rs]),
+        "dense_latency_ms": _agg([r["dense_latency_ms"] for r in rs]),
+        "size_mb": _agg([r["size_mb"] for r in rs]),
+        "bytes_sent_mb": _agg([r["bytes_sent"] / 2**20 for r in rs]),
+        "peak_mem_gb": _agg([r["peak_mem_gb"] for r in rs]),
+        "trained_sparsity": _agg([r["trained_sparsity"] for r in rs]),
+        "deployed_sparsity": _agg([r["deployed_sparsity"] for r in rs]),
+        "sim_time_s": _agg([r["sim_time_s"] for r in rs]),
+        "mean_rank": _agg([r["mean_rank"] for r in rs]),
+        "per_seed": [{k: r[k] for k in ("seed", "time_to_target_s", "final", "best", "deployed_metric",
+                                        "sim_time_s", "trained_sparsity", "deployed_sparsity", "run_dir")}
+                     for r in rs],
+    }
+
+
+def _compare_methods(methods: dict[str, dict[str, Any]], metric: str) -> None:
+    """Each method's speed-up to the target and final metric against the best other method (in place)."""
+    for name, m in methods.items():
+        mine = m["time_to_target"]["mean"]
+        others = {k: o for k, o in methods.items() if k != name}
+        reached = [o["time_to_target"]["mean"] for o in others.values() if o["time_to_target"]["mean"]]
+        m["speedup_vs_best_baseline"], m["speedup_is_lower_bound"] = None, False
+        if mine and reached:
+            m["speedup_vs_best_baseline"] = round(min(reached) / mine, 3)
+        elif mine and others:  # no other method reached the target: their whole run is a lower bound
+            m["speedup_vs_best_baseline"] = round(min(o["sim_time_s"]["mean"] for o in others.values()) / mine, 3)
+            m["speedup_is_lower_bound"] = True
+        finals = [o["final"]["mean"] for o in others.values() if o["final"]["mean"] is not None]
+        if finals and m["final"]["mean"] is not None:
+            best = metric_named(metric).best(finals)
+            m["final_vs_best_baseline"] = round(m["final"]["mean"] - best, 4)
+    key = f"final_{metric_named(metric).short}"
+    for m in methods.values():
+        m[key] = m["final"]["mean"]
+        m["time_to_target_s"] = m["time_to_target"]["mean"]  # mean over the seeds that reached it
+
+
+def _setting_markdown(setting: str, title: str, methods: dict[str, dict[str, Any]], grid: dict[str, Any],
+                      metric: str, target: float, pngs: list[str]) -> list[str]:
+    md = [f"## {title}", ""] + _setting_table(setting, methods, metric, target) + [""]
+    if grid:
+        md += ["Best-static grid (first seed), simulated s to target: " + ", ".join(
+            f"{k} {_secs(v['time_to_target_s'])}" for k, v in sorted(grid.items())) + ".", ""]
+    fs = methods.get("fedspine")
+    if fs:
+        sp, fv = fs["speedup_vs_best_baseline"], fs.get("final_vs_best_baseline")
+        fast = bool(sp and sp >= 1.4 and not fs["speedup_is_lower_bound"])
+        close = metric != "eval_accuracy" or (fv is not None and fv >= -0.005)
+        verdict = "FedSpine's goal (>= 1.4x, final accuracy within 0.5 points) is " + (
+            "met." if fast and close else "NOT met.")
+        md += [f"FedSpine: speed-up vs the best other method {'n/a' if sp is None else f'{sp:.2f}x'}"
+               f"{' (lower bound)' if fs['speedup_is_lower_bound'] else ''}; final {metric} vs the best other"
+               f" method {'n/a' if fv is None else f'{fv:+.4f}'}. {verdict}", ""]
+    return md + [f"![{setting}]({png})" for png in pngs] + [""]
+
+
+def _setting(setting: str, srs: list[dict[str, Any]], target: float | None, out_dir: Path) -> tuple[dict, list[str]]:
+    """One setting's summary entry and markdown section (plots written to ``out_dir``)."""
+    metric = srs[0]["metric"]
+    tgt = target or srs[0]["target"] or _auto_target([r for r in srs if not r["grid_candidate"]], metric)
+    for r in srs:
+        r["target"] = tgt
+        r["time_to_target_s"] = time_to_target(r["records"], tgt, metric)
+    main = [r for r in srs if not r["grid_candidate"]]
+    names = [m for m in BASELINE_ORDER if any(r["method"] == m for r in main)]
+    names += sorted({r["method"] for r in main} - set(names))
+    methods = {name: _method_stats(sorted((r for r in main if r["method"] == name), key=lambda r: r["seed"]))
+               for name in names}
+    _compare_methods(methods, metric)
+    grid = {r["method"]: {"time_to_target_s": r["time_to_target_s"], "final": r["final"]}
+            for r in srs if r["grid_candidate"]}
+    title = srs[0]["title"]
+    pngs = _plots(setting, title, srs, metric, tgt, out_dir)
+    entry = {"title": title, "metric": metric, "target": tgt, "sparsity": srs[0]["sparsity"], "methods": methods,
+             "grid": grid, "plots": pngs}
+    return entry, _setting_markdown(setting, title, methods, grid, metric, tgt, pngs)
+
+
 def report(paths: list[Path], out_dir: Path, *, target: float | None = None, command: str = "",
            machine: str = "") -> Path:
     """Write ``table.md``, ``summary.json`` and the PNGs for the runs under ``paths`` to ``out_dir``."""
@@ -261,75 +346,8 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
     if command:
         md += [f"Made by `{command}` on {machine or 'this machine'}, {summary['date']}.", ""]
     for setting, srs in sorted(settings.items()):
-        metric = srs[0]["metric"]
-        tgt = target or srs[0]["target"] or _auto_target([r for r in srs if not r["grid_candidate"]], metric)
-        for r in srs:
-            r["target"] = tgt
-            r["time_to_target_s"] = time_to_target(r["records"], tgt, metric)
-        main = [r for r in srs if not r["grid_candidate"]]
-        names = [m for m in BASELINE_ORDER if any(r["method"] == m for r in main)]
-        names += sorted({r["method"] for r in main} - set(names))
-        methods: dict[str, dict[str, Any]] = {}
-        for name in names:
-            rs = sorted((r for r in main if r["method"] == name), key=lambda r: r["seed"])
-            methods[name] = {
-                "seeds": len(rs), "chosen": rs[0]["chosen"],
-                "time_to_target": _agg([r["time_to_target_s"] for r in rs]),
-                "final": _agg([r["final"] for r in rs]), "best": _agg([r["best"] for r in rs]),
-                "deployed_metric": _agg([r["deployed_metric"] for r in rs]),
-                "latency_ms": _agg([r["latency_ms"] for r in rs]),
-                "dense_latency_ms": _agg([r["dense_latency_ms"] for r in rs]),
-                "size_mb": _agg([r["size_mb"] for r in rs]),
-                "bytes_sent_mb": _agg([r["bytes_sent"] / 2**20 for r in rs]),
-                "peak_mem_gb": _agg([r["peak_mem_gb"] for r in rs]),
-                "trained_sparsity": _agg([r["trained_sparsity"] for r in rs]),
-                "deployed_sparsity": _agg([r["deployed_sparsity"] for r in rs]),
-                "sim_time_s": _agg([r["sim_time_s"] for r in rs]),
-                "mean_rank": _agg([r["mean_rank"] for r in rs]),
-                "per_seed": [{k: r[k] for k in ("seed", "time_to_target_s", "final", "best", "deployed_metric",
-                                                "sim_time_s", "trained_sparsity", "deployed_sparsity", "run_dir")}
-                             for r in rs],
-            }
-        for name, m in methods.items():
-            mine = m["time_to_target"]["mean"]
-            others = {k: o for k, o in methods.items() if k != name}
-            reached = [o["time_to_target"]["mean"] for o in others.values() if o["time_to_target"]["mean"]]
-            m["speedup_vs_best_baseline"], m["speedup_is_lower_bound"] = None, False
-            if mine and reached:
-                m["speedup_vs_best_baseline"] = round(min(reached) / mine, 3)
-            elif mine and others:  # no other method reached the target: their whole run is a lower bound
-                m["speedup_vs_best_baseline"] = round(min(o["sim_time_s"]["mean"] for o in others.values()) / mine, 3)
-                m["speedup_is_lower_bound"] = True
-            finals = [o["final"]["mean"] for o in others.values() if o["final"]["mean"] is not None]
-            if finals and m["final"]["mean"] is not None:
-                best = metric_named(metric).best(finals)
-                m["final_vs_best_baseline"] = round(m["final"]["mean"] - best, 4)
-        key = f"final_{metric_named(metric).short}"
-        for m in methods.values():
-            m[key] = m["final"]["mean"]
-            m["time_to_target_s"] = m["time_to_target"]["mean"]  # mean over the seeds that reached it
-        grid = {r["method"]: {"time_to_target_s": r["time_to_target_s"], "final": r["final"]}
-                for r in srs if r["grid_candidate"]}
-        title = srs[0]["title"]
-        pngs = _plots(setting, title, srs, metric, tgt, out_dir)
-        summary["settings"][setting] = {"title": title, "metric": metric, "target": tgt,
-                                        "sparsity": srs[0]["sparsity"], "methods": methods, "grid": grid,
-                                        "plots": pngs}
-        md += [f"## {title}", ""] + _setting_table(setting, methods, metric, tgt) + [""]
-        if grid:
-            md += ["Best-static grid (first seed), simulated s to target: " + ", ".join(
-                f"{k} {_secs(v['time_to_target_s'])}" for k, v in sorted(grid.items())) + ".", ""]
-        fs = methods.get("fedspine")
-        if fs:
-            sp, fv = fs["speedup_vs_best_baseline"], fs.get("final_vs_best_baseline")
-            fast = bool(sp and sp >= 1.4 and not fs["speedup_is_lower_bound"])
-            close = metric != "eval_accuracy" or (fv is not None and fv >= -0.005)
-            verdict = "FedSpine's goal (>= 1.4x, final accuracy within 0.5 points) is " + (
-                "met." if fast and close else "NOT met.")
-            md += [f"FedSpine: speed-up vs the best other method {'n/a' if sp is None else f'{sp:.2f}x'}"
-                   f"{' (lower bound)' if fs['speedup_is_lower_bound'] else ''}; final {metric} vs the best other"
-                   f" method {'n/a' if fv is None else f'{fv:+.4f}'}. {verdict}", ""]
-        md += [f"![{setting}]({png})" for png in pngs] + [""]
+        summary["settings"][setting], section = _setting(setting, srs, target, out_dir)
+        md += section
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir

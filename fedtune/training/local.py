@@ -81,6 +81,61 @@ def _release(peft_model: Any, base: BaseModel, handles: list[Any], head: dict[st
             params[name].copy_(t)
 
 
+def _trainable(inner: torch.nn.Module, base: BaseModel, train_a: bool) -> list[torch.nn.Parameter]:
+    """Freeze everything but LoRA's B (and A unless frozen) and the task head; returns those."""
+    trainable = []
+    for name, p in inner.named_parameters():
+        is_a, is_b = ".lora_A." in name, ".lora_B." in name
+        train = (is_a and train_a) or is_b or name in base.head_names
+        p.requires_grad_(train)
+        if train:
+            trainable.append(p)
+    return trainable
+
+
+def _loss(peft_model: Any, base: BaseModel, batch: dict[str, torch.Tensor], cfg: TrainerSettings,
+          log_prior: torch.Tensor | None) -> torch.Tensor:
+    """One minibatch's training loss: chunked for long causal-LM batches, logit-adjusted for
+    classification when ``log_prior`` is given, else the model's own loss."""
+    chunk = cfg.train.loss_chunk_tokens
+    if base.config.task == "causal-lm" and 0 < chunk < batch["input_ids"].numel():
+        return chunked_causal_lm_loss(peft_model.base_model.model, batch["input_ids"], batch["attention_mask"],
+                                      batch["labels"], chunk)
+    if log_prior is None:
+        return peft_model(**batch).loss
+    labels = batch.pop("labels")
+    return torch.nn.functional.cross_entropy(peft_model(**batch).logits + log_prior, labels)
+
+
+def _run_steps(peft_model: Any, base: BaseModel, data: Tokenized, cfg: TrainerSettings, opt: torch.optim.Optimizer,
+               pruner: PruneAndTune | None, n_steps: int, seed: int) -> tuple[list[float], int, float]:
+    """The local optimizer steps; returns (per-step losses, tokens processed, wall seconds)."""
+    log_prior = None
+    if base.config.task == "classification" and cfg.train.logit_adjustment > 0:
+        log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
+        log_prior = log_prior.to(base.device)
+    gen = torch.Generator().manual_seed(seed)
+    pad_id = base.tokenizer.pad_token_id
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout draws from the global generator
+        for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
+            batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task).items()}
+            tokens += batch["input_ids"].numel()
+            loss = _loss(peft_model, base, batch, cfg, log_prior)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if pruner is not None:
+                pruner.observe()
+            opt.step()
+            if pruner is not None:
+                pruner.after_step(step)
+            losses.append(float(loss.detach()))
+    return losses, tokens, time.perf_counter() - t0
+
+
 def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenized, cfg: TrainerSettings,
                 *, train_a: bool = True, seed: int = 0, prune: PruneSpec | None = None,
                 masks: Masks | None = None, scores: dict[int, dict[str, torch.Tensor]] | None = None,
@@ -97,24 +152,12 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
         raise ValueError(f"payload adapter rank {adapter_rank(state.adapter)} != assigned rank {rank}")
     own_head = head_state(base)
     peft_model, handles = _prepare(base, state, rank, cfg)
+    inner = peft_model.base_model.model
+    n_steps = steps or cfg.train.local_steps
+    pruner = None
     try:
-        inner = peft_model.base_model.model
-        trainable = []
-        for name, p in inner.named_parameters():
-            is_a, is_b = ".lora_A." in name, ".lora_B." in name
-            train = (is_a and train_a) or is_b or name in base.head_names
-            p.requires_grad_(train)
-            if train:
-                trainable.append(p)
-        opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-        log_prior = None
-        if base.config.task == "classification" and cfg.train.logit_adjustment > 0:
-            log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
-            log_prior = log_prior.to(base.device)
-        gen = torch.Generator().manual_seed(seed)
-        pad_id = base.tokenizer.pad_token_id
-        n_steps = steps or cfg.train.local_steps
-        pruner = None
+        opt = torch.optim.AdamW(_trainable(inner, base, train_a), lr=cfg.train.learning_rate,
+                                weight_decay=cfg.train.weight_decay)
         if prune is not None or masks is not None:
             pruner = PruneAndTune(inner, lora_layers(peft_model), model_structure(inner),
                                   prune or PruneSpec(target=0.0), n_steps, masks=masks, scores=scores, seed=seed)
@@ -123,33 +166,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             inner.enable_input_require_grads()
         peft_model.train()
-        losses = []
-        tokens = 0
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # dropout draws from the global generator
-            for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
-                batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task).items()}
-                tokens += batch["input_ids"].numel()
-                chunk = cfg.train.loss_chunk_tokens
-                if base.config.task == "causal-lm" and 0 < chunk < batch["input_ids"].numel():
-                    loss = chunked_causal_lm_loss(inner, batch["input_ids"], batch["attention_mask"],
-                                                  batch["labels"], cfg.train.loss_chunk_tokens)
-                elif log_prior is None:
-                    loss = peft_model(**batch).loss
-                else:
-                    labels = batch.pop("labels")
-                    logits = peft_model(**batch).logits
-                    loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if pruner is not None:
-                    pruner.observe()
-                opt.step()
-                if pruner is not None:
-                    pruner.after_step(step)
-                losses.append(float(loss.detach()))
-        elapsed = time.perf_counter() - t0
+        losses, tokens, elapsed = _run_steps(peft_model, base, data, cfg, opt, pruner, n_steps, seed)
         factors = read_factors(peft_model)
         head = {n: p.detach().float().cpu().clone() for n, p in inner.named_parameters() if n in base.head_names}
     finally:

@@ -259,9 +259,7 @@ class LoraStrategy(Strategy):
         ratio = float(self.prune_ratio_for(client_id, server_round))
         prune = None
         if ratio > 0:
-            pc = exp.prune
-            prune = PruneSpec(target=ratio, interval=pc.interval, importance=pc.importance, ema=pc.ema,
-                              skip_layers=tuple(pc.skip_layers), recovery_steps=pc.recovery_steps)
+            prune = PruneSpec.from_config(exp.prune, ratio, len(self.structure or []))
         return TrainRequest(
             server_round=server_round, client_id=client_id, rank=rank,
             seed=derive_seed(exp.seed, "client", server_round, client_id),

@@ -77,6 +77,9 @@ class LoraSettings:
     alpha: float = 16.0  # peft lora_alpha; the scale is alpha / rank
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # [] = per architecture (query/value, q_proj/v_proj)
+    # rank-stabilised scale alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023; peft's use_rslora) instead of
+    # alpha / r, so clients of different ranks take steps of comparable size
+    rslora: bool = False
 
     def __post_init__(self) -> None:
         if not self.ranks:

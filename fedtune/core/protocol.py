@@ -27,6 +27,7 @@ from fedtune.core.config import (
     ExperimentConfig,
     LoraSettings,
     ModelConfig,
+    PruneConfig,
     TrainConfig,
     section_from_dict,
 )
@@ -63,6 +64,13 @@ class PruneSpec:
     ema: float = 0.9  # moving-average factor of group importance
     skip_layers: tuple[int, ...] = ()  # layers never pruned
     recovery_steps: int = 0  # the round's last local steps have no pruning event (the adapter recovers)
+
+    @classmethod
+    def from_config(cls, prune: PruneConfig, target: float, num_layers: int) -> PruneSpec:
+        """A round's job at ``target`` from the experiment's ``[prune]`` settings, for a model of
+        ``num_layers`` layers."""
+        return cls(target=target, interval=prune.interval, importance=prune.importance, ema=prune.ema,
+                   skip_layers=tuple(prune.skip_layers), recovery_steps=prune.recovery_steps)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -267,6 +275,8 @@ class ClientKey:
     SIM_SECONDS = "sim_seconds"  # simulated client-round: compute + communication
     SIM_COMPUTE_S = "sim_compute_s"
     SIM_COMM_S = "sim_comm_s"
+    FLOPS = "flops"  # FLOPs of the client-round's local steps (cost model, at its rank and masks)
+    COMM_BYTES = "comm_bytes"  # bytes received plus bytes sent
     PEAK_MEM_GB = "peak_mem_gb"
     REWARD = "reward"  # fedspine: the bandit's reward for this client-round
     ARM = "arm"  # fedspine: {"ratio", "rank"} the bandit played

@@ -157,7 +157,8 @@ class FleetClock:
         device = self.fleet.device(client_id).name
         fields = {ClientKey.DEVICE: device, ClientKey.SIM_SECONDS: round(cost.total_s, 3),
                   ClientKey.SIM_COMPUTE_S: round(cost.compute_s, 3), ClientKey.SIM_COMM_S: round(cost.comm_s, 3),
-                  ClientKey.PEAK_MEM_GB: round(cost.peak_mem_gb, 3)}
+                  ClientKey.PEAK_MEM_GB: round(cost.peak_mem_gb, 3), ClientKey.FLOPS: cost.flops,
+                  ClientKey.COMM_BYTES: bytes_down + bytes_up}
         if cost.oom:
             return fields, Status.FAILED, f"out of memory on {device}: needs {cost.peak_mem_gb:.2f} GB"
         if self.deadline_s and cost.total_s > self.deadline_s:

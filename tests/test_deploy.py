@@ -1,19 +1,39 @@
-"""Deployment: certificates and node keys, the compose files (validated statically: no Docker
-engine here), and the same topology as real processes on 127.0.0.1 with TLS and SuperNode auth."""
+"""Deployment: certificates and node keys, the compose files (validated statically here; the
+real Docker run is scripts/compose_test.sh, marked ``docker``), the stop path, and the same
+topology as real processes on 127.0.0.1 with TLS and SuperNode auth."""
 
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from fedtune.core.config import load_config
-from fedtune.deploy.certificates import generate_certificates, generate_node_keys
-from fedtune.deploy.compose import FLWR_VERSION, compose_files
-from fedtune.deploy.processes import LocalDeployment, NodeSpec, node_specs
+from fedtune.deploy import certificates
+from fedtune.deploy.certificates import (
+    generate_certificates,
+    generate_node_keys,
+    write_secret,
+)
+from fedtune.deploy.compose import (
+    CONTAINER_UID,
+    FLWR_VERSION,
+    SUPERLINK_PORT,
+    compose_files,
+)
+from fedtune.deploy.processes import (
+    LocalDeployment,
+    NodeSpec,
+    is_worker_process,
+    node_specs,
+)
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
@@ -49,21 +69,143 @@ def test_node_config_carries_partition_and_device_as_flower_parses_it():
     assert [p["device"] for p in parsed] == ["jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier"]
 
 
+def test_private_keys_are_written_0600_never_through_a_symlink_and_only_to_a_fresh_file(tmp_path, monkeypatch):
+    old = os.umask(0)  # a permissive umask must not widen the mode
+    try:
+        key = tmp_path / "keys" / "node.key"
+        write_secret(key, b"secret-1")
+        assert key.read_bytes() == b"secret-1" and stat.S_IMODE(key.stat().st_mode) == 0o600
+        key.chmod(0o644)  # rewriting replaces the file (a fresh inode, mode 0600), it does not reuse it
+        write_secret(key, b"secret-2")
+        assert key.read_bytes() == b"secret-2" and stat.S_IMODE(key.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    # a symlink where the key goes is refused, and its target is left alone
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    link = tmp_path / "link.key"
+    link.symlink_to(victim)
+    with pytest.raises(OSError, match="symlink"):
+        write_secret(link, b"secret")
+    assert victim.read_text() == "not yours" and link.is_symlink()
+    # the temporary name is created with O_EXCL | O_NOFOLLOW: something already there (here a
+    # symlink planted under the name it will pick) makes it fail instead of writing through it
+    monkeypatch.setattr(certificates.secrets, "token_hex", lambda n: "planted")
+    planted = tmp_path / ".other.key.planted.tmp"
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_secret(tmp_path / "other.key", b"secret")
+    assert victim.read_text() == "not yours" and not (tmp_path / "other.key").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.key.planted.tmp", "keys", "link.key", "victim"]
+
+
+def test_a_deployment_keeps_its_secrets_out_of_its_directory_and_removes_them(tmp_path):
+    paths = generate_certificates(tmp_path / "throwaway", keep_ca_key=False)
+    assert "ca_key" not in paths and not (tmp_path / "throwaway" / "ca.key").exists()
+    dep = LocalDeployment(tmp_path / "run" / "deployment", [])
+    secrets_dir = dep.secrets
+    assert not secrets_dir.is_relative_to(tmp_path / "run")
+    assert stat.S_IMODE(secrets_dir.stat().st_mode) == 0o700
+    private, _ = generate_node_keys(secrets_dir / "keys", ["n0"])["n0"]
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    dep.stop()
+    assert not secrets_dir.exists()
+
+
+def _sleeper(*extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_stop_kills_only_the_workers_it_started(tmp_path):
+    """A pid file may be stale: its pid reused by some other process. stop() reads
+    /proc/PID/cmdline and signals only this deployment's worker for that pid file."""
+    dep = LocalDeployment(tmp_path / "dep", [])
+    workers = dep.work_dir / "workers"
+    workers.mkdir(parents=True)
+    worker = _sleeper("-m", "clients.worker", "--socket", str(workers / "node-1-abc.sock"), "--idle-timeout", "5")
+    stranger = _sleeper()  # the pid of a stale pid file, reused by an unrelated process
+    other_worker = _sleeper("-m", "clients.worker", "--socket", str(tmp_path / "elsewhere" / "node-2-abc.sock"))
+    try:
+        deadline = time.time() + 10  # until the children have exec'd (their cmdline is final)
+        while time.time() < deadline and b"--socket" not in Path(f"/proc/{worker.pid}/cmdline").read_bytes():
+            time.sleep(0.05)
+        (workers / "node-1-abc.pid").write_text(str(worker.pid))
+        (workers / "node-0-abc.pid").write_text(str(stranger.pid))
+        (workers / "node-2-abc.pid").write_text(str(other_worker.pid))
+        (workers / "node-3-abc.pid").write_text("not a pid")
+        (workers / "node-4-abc.pid").write_text("1")
+        assert is_worker_process(worker.pid, workers / "node-1-abc.pid")
+        assert not is_worker_process(stranger.pid, workers / "node-0-abc.pid")
+        assert not is_worker_process(other_worker.pid, workers / "node-2-abc.pid")
+        dep.stop()
+        assert worker.wait(timeout=10) == -signal.SIGTERM
+        time.sleep(0.3)
+        assert stranger.poll() is None and other_worker.poll() is None
+    finally:
+        for proc in (worker, stranger, other_worker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _default(value: str) -> str:
+    """A compose value with every ${VAR:-default} as Compose reads it when VAR is unset."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_compose_is_secure_by_default_and_publishes_on_loopback():
+    secure, insecure = (yaml.safe_load((ROOT / name).read_text()) for name in ("docker-compose.yml", "insecure.yml"))
+    for name, svc in secure["services"].items():
+        cmd = svc["command"]
+        assert "--insecure" not in cmd, name
+        if name == "superlink":
+            assert {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth"} <= set(cmd)
+        else:
+            assert "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
+            # each SuperNode sees the CA and its own key, nobody else's
+            assert {s["target"] for s in svc["secrets"]} == {"/app/certificates/ca.crt", f"/app/keys/{name}"}
+            assert "ports" not in svc
+    for doc in (secure, insecure):
+        published = [p for svc in doc["services"].values() for p in svc.get("ports", [])]
+        assert published and all(_default(p) == f"127.0.0.1:{SUPERLINK_PORT}:{SUPERLINK_PORT}" for p in published)
+    assert all("--insecure" in svc["command"] for svc in insecure["services"].values())
+    assert "secrets" not in insecure  # the insecure variant stands alone: no certificates needed
+    assert not (ROOT / "with-tls.yml").exists()
+    # the container user is the one the mounted keys must be readable by
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"--uid {CONTAINER_UID} app" in dockerfile and "\nUSER app\n" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"certificates", ".venv", "runs", "*.key"} <= set(ignored)  # no secrets in a build context
+
+
+@pytest.mark.docker
+def test_the_compose_deployment_for_real(request):
+    """scripts/compose_test.sh: build the image, bring up docker-compose.yml (TLS, SuperNode auth)
+    on 127.0.0.1, run 2 rounds, refuse an unregistered SuperNode. Needs root and Docker's packages.
+    Only on request (``-m docker``): another ``-m`` replaces the default ``-m 'not docker'``."""
+    if not re.search(r"(?<!not )\bdocker\b", request.config.getoption("markexpr") or ""):
+        pytest.skip("the real Docker deployment runs only with -m docker (or: bash scripts/compose_test.sh)")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "compose_test.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0 and "PASSED" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
 def _validate(*paths):
     return subprocess.run([f"{BIN}/check-jsonschema", "--builtin-schema", "vendor.compose-spec", *map(str, paths)],
                           capture_output=True, text=True, timeout=120)
 
 
 def test_compose_files_are_valid_and_match_the_generator(tmp_path):
-    files = [ROOT / "docker-compose.yml", ROOT / "with-tls.yml"]
+    files = [ROOT / "docker-compose.yml", ROOT / "insecure.yml"]
     proc = _validate(*files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     bad = tmp_path / "bad.yml"  # the validator does reject a malformed file
     bad.write_text("services:\n  superlink:\n    image: x\n    ports: 9093\n    restart: sometimes\n")
     assert _validate(bad).returncode != 0
-    base, tls = (yaml.safe_load(p.read_text()) for p in files)
+    base, insecure = (yaml.safe_load(p.read_text()) for p in files)
     cfg = load_config(ROOT / "simulations" / "deploy.toml")
-    assert (base, tls) == compose_files(node_specs(cfg, 3)), "regenerate: fedtune compose --config" \
+    assert (base, insecure) == compose_files(node_specs(cfg, 3)), "regenerate: fedtune compose --config" \
         " simulations/deploy.toml --nodes 3"
     nodes = [s for s in base["services"] if s.startswith("supernode-")]
     assert len(nodes) == 3
@@ -76,14 +218,14 @@ def test_compose_files_are_valid_and_match_the_generator(tmp_path):
                for n in nodes]
     assert [c.split()[0] for c in configs] == ["partition-id=0", "partition-id=1", "partition-id=2"]
     assert all("device=" in c for c in configs)
-    link = tls["services"]["superlink"]["command"]
+    link = base["services"]["superlink"]["command"]
     assert "--enable-supernode-auth" in link and "--insecure" not in link and "--ssl-certfile" in link
     for n in nodes:
-        cmd = tls["services"][n]["command"]
+        cmd = base["services"][n]["command"]
         assert "--insecure" not in cmd and "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
-    # every secret file is one `fedtune certs certificates` writes
+    # every secret file is one `fedtune certs certificates` writes (FEDTUNE_CERTS moves the directory)
     written = {"ca.crt", "server.pem", "server.key"} | {f"keys/supernode-{i}" for i in range(3)}
-    assert {s["file"].removeprefix("./certificates/") for s in tls["secrets"].values()} == written
+    assert {_default(s["file"]).removeprefix("./certificates/") for s in base["secrets"].values()} == written
     assert "certificates/" in (ROOT / ".gitignore").read_text()
 
 
@@ -128,11 +270,12 @@ def test_fedtune_deploy_three_supernodes_with_tls_survives_a_crashing_client(tmp
     assert all(c["process_s"] > 0 for c in second.values())
     logs = out / "deployment" / "logs"
     assert (logs / "superlink.log").is_file() and len(list(logs.glob("supernode-*.log"))) == 3
-    secrets = [p.read_text() for p in (out / "deployment" / "keys").glob("supernode-?")]
-    secrets += [(out / "deployment" / "certificates" / "server.key").read_text()]
-    for log in logs.glob("*.log"):  # no private key ever reaches a log
-        text = log.read_text(errors="replace")
-        assert not any(s.strip().splitlines()[1] in text for s in secrets)
+    # no private key (nor the CA's key) ever lands in the run directory, its logs included: the
+    # deployment kept them in a private temp dir and removed it
+    for path in out.rglob("*"):
+        assert not re.fullmatch(r"ca\.key|server\.key|supernode-\d+", path.name), path
+        if path.is_file():
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
     # a stopped server resumes in deployment too: a fresh deployment continues the run to round 3
     proc = subprocess.run(
         [sys.executable, "-m", "fedtune", "deploy", "--config", str(ROOT / "simulations" / "deploy.toml"),

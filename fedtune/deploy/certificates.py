@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
-__all__ = ["generate_certificates", "generate_node_keys"]
+__all__ = ["generate_certificates", "generate_node_keys", "write_secret"]
 
 
-def _write_secret(path: Path, data: bytes) -> None:
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a private key so that no other user can ever read it, and never through a symlink.
+
+    The key goes to a fresh temporary name beside ``path``, created with ``O_EXCL | O_NOFOLLOW``
+    and mode 0600 (``fchmod`` on the open descriptor too, whatever the umask), is flushed to disk,
+    then renamed over ``path`` (``os.replace``: atomic, and it replaces a file, never writes
+    through one). A symlink at ``path`` is refused rather than silently replaced.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    if path.is_symlink():
+        raise OSError(errno.ELOOP, "refusing to write a private key over a symlink", str(path))
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def generate_certificates(out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "superlink"),
-                          days: int = 365) -> dict[str, Path]:
-    """A CA and a SuperLink server certificate signed by it (``ca.crt``, ``server.pem``, ``server.key``)."""
+                          days: int = 365, keep_ca_key: bool = True) -> dict[str, Path]:
+    """A CA and a SuperLink server certificate signed by it (``ca.crt``, ``server.pem``, ``server.key``).
+
+    ``ca.key`` (to sign more certificates later) is written only with ``keep_ca_key``; a
+    throw-away deployment passes False, so the CA's key never outlives the signing."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -52,12 +78,14 @@ def generate_certificates(out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "loc
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
-    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": out / "ca.key"}
+    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
     nopass = serialization.NoEncryption()
-    _write_secret(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopass))
-    _write_secret(paths["ca_key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopass))
+    write_secret(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopass))
+    if keep_ca_key:
+        paths["ca_key"] = out / "ca.key"
+        write_secret(paths["ca_key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopass))
     return paths
 
 
@@ -71,7 +99,7 @@ def generate_node_keys(out: Path, names: list[str]) -> dict[str, tuple[Path, Pat
     for name in names:
         key = ec.generate_private_key(ec.SECP384R1())
         private, public = out / name, out / f"{name}.pub"
-        _write_secret(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        write_secret(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                  serialization.NoEncryption()))
         public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                          serialization.PublicFormat.OpenSSH) + b"\n")

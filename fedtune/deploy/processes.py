@@ -2,25 +2,31 @@
 
 ``fedtune deploy`` starts a SuperLink and N SuperNodes as processes on 127.0.0.1 (the
 same topology as ``docker-compose.yml``), with TLS and SuperNode authentication on by
-default: certificates are generated into the deployment directory (:func:`generate_certificates`),
-each SuperNode gets its own P-384 key pair (:func:`generate_node_keys`) and is registered
+default: certificates are generated for this deployment (:func:`generate_certificates`, the CA's
+key discarded once it has signed), each SuperNode gets its own P-384 key pair (:func:`generate_node_keys`) and is registered
 with ``flwr supernode register`` before it starts, so only registered nodes are admitted.
 Each SuperNode's ``--node-config`` carries its ``partition-id`` and ``device`` class.
 Then ``flwr run`` submits the app and the run's status is read back from Flower
 (``flwr ls --run-id``): ``finished:completed`` is success.
 
-Secrets (private keys) are written with mode 0600 under the deployment directory and never
-logged; ``.gitignore`` keeps ``runs/`` and ``certificates/`` out of the repository.
+Secrets (private keys) never land in the deployment or run directory: they are written with
+mode 0600 into a private temporary directory (mode 0700) that :meth:`LocalDeployment.stop`
+removes, and never logged. ``stop`` ends only processes this deployment started: its own
+children, and the nodes' training workers whose pid files it finds only after checking each
+pid's command line is that worker's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +36,7 @@ from fedtune.core.config import config_to_toml
 from fedtune.deploy.certificates import generate_certificates, generate_node_keys
 from fedtune.round.outputs import format_progress
 
-__all__ = ["LocalDeployment", "NodeSpec", "flwr_env"]
+__all__ = ["LocalDeployment", "NodeSpec", "flwr_env", "is_worker_process"]
 
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -76,6 +82,7 @@ class LocalDeployment:
     connection: str = "fedtune-local"
     env_extra: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    secrets_dir: Path | None = None  # where certificates and keys go; default: a private temp dir, removed by stop()
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir).resolve()
@@ -85,6 +92,15 @@ class LocalDeployment:
         self.address = f"127.0.0.1:{self.port}"
         self.certs: dict[str, Path] = {}
         self.keys: dict[str, tuple[Path, Path]] = {}
+        self._own_secrets = self.secrets_dir is None
+
+    @property
+    def secrets(self) -> Path:
+        """Certificates and private keys: outside the work (and run) directory, mode 0700."""
+        if self.secrets_dir is None:
+            self.secrets_dir = Path(tempfile.mkdtemp(prefix="fedtune-secrets-"))
+        self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.secrets_dir
 
     @property
     def env(self) -> dict[str, str]:
@@ -114,7 +130,7 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         if self.tls and not self.certs:
-            self.certs = generate_certificates(self.work_dir / "certificates")
+            self.certs = generate_certificates(self.secrets / "certificates", keep_ca_key=False)
         self.write_connection()
         args = [self._bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--database", str(self.work_dir / "state.db"), "--disable-runtime-dependency-installation"]
@@ -139,7 +155,7 @@ class LocalDeployment:
 
     def register(self, name: str) -> tuple[Path, Path]:
         """Create and register a SuperNode key pair; returns (private, public)."""
-        private, public = generate_node_keys(self.work_dir / "keys", [name])[name]
+        private, public = generate_node_keys(self.secrets / "keys", [name])[name]
         proc = self.flwr("supernode", "register", str(public), self.connection, "--format", "json")
         if proc.returncode != 0:
             raise RuntimeError(f"registering SuperNode {name} failed: {(proc.stdout + proc.stderr)[-800:]}")
@@ -160,7 +176,7 @@ class LocalDeployment:
             if register:
                 private, public = self.register(name)
             else:  # a node with keys the SuperLink never saw
-                private, public = generate_node_keys(self.work_dir / "keys", [name])[name]
+                private, public = generate_node_keys(self.secrets / "keys", [name])[name]
             args += ["--auth-supernode-private-key", str(private)]  # the public key is derived from it
         return self._spawn(name, args)
 
@@ -201,9 +217,14 @@ class LocalDeployment:
                 proc.wait(timeout=5)
         for pid_file in (self.work_dir / "workers").glob("*.pid"):  # the nodes' training workers
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if is_worker_process(pid, pid_file):  # a stale file's pid may be anyone's process by now
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+        if self._own_secrets and self.secrets_dir is not None:
+            shutil.rmtree(self.secrets_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalDeployment:
         return self.start()
@@ -214,6 +235,25 @@ class LocalDeployment:
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def is_worker_process(pid: int, pid_file: Path) -> bool:
+    """Whether ``pid`` is the training worker that wrote ``pid_file``: a process of this user whose
+    command line is ``python -m clients.worker --socket <the pid file's socket> ...``
+    (clients/worker.py starts it so). False when it cannot be told (no /proc, gone, another user)."""
+    if pid <= 1:
+        return False
+    proc = Path(f"/proc/{pid}")
+    try:
+        if proc.stat().st_uid != os.getuid():
+            return False
+        args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return False
+    if "-m" not in args or args[args.index("-m") + 1:args.index("-m") + 2] != ["clients.worker"]:
+        return False
+    sock = args[args.index("--socket") + 1] if "--socket" in args[:-1] else None
+    return sock is not None and Path(sock) == pid_file.with_suffix(".sock")
 
 
 def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:

@@ -1,6 +1,8 @@
 """Quantized bases on the CPU (bitsandbytes' CPU backend): config, memory-driven widths,
 training that keeps its gradients (the AVX512-BF16 repacking trap), pruning and export."""
 
+import math
+
 import pytest
 import torch
 
@@ -137,3 +139,26 @@ def test_lora_guided_pruning_and_export_over_an_nf4_base(tmp_path):
     assert info["params_after"] < info["params_before"]
     assert prune_step(full_masks(s), {ls.layer: {"attn": torch.ones(ls.num_units), "ffn": torch.ones(ls.ffn_dim)}
                                       for ls in s}, 0.0) is not None
+
+
+@pytest.mark.parametrize("q", ["nf4", "int8"])
+def test_a_quantized_causal_lm_trains_and_prunes(q):
+    """A causal LM's output projection is tied to its embeddings: it stays a float linear (as in
+    QLoRA), so a quantized Llama-style base trains, prunes and trains again on its masks."""
+    from fedtune.core.protocol import PruneSpec
+    from fedtune.data.batching import Tokenized
+    from fedtune.lora.factors import GlobalAdapter
+    from fedtune.models.loading import cached_base_model
+    from fedtune.training.local import head_state, train_local
+
+    cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 32, "quantization": q},
+                            "lora": {"ranks": [4]}, "train": {"batch_size": 4}, "prune": {"ratio": 0.5, "interval": 2}})
+    base = cached_base_model(cfg.model, cfg.seed)
+    assert type(base.model.lm_head).__name__ == "Linear"
+    gen = torch.Generator().manual_seed(0)
+    data = Tokenized(input_ids=[torch.randint(1000, 5000, (12,), generator=gen).tolist() for _ in range(8)], labels=None)
+    state = GlobalAdapter(adapter={}, head=head_state(base))
+    first = train_local(base, state, 4, data, cfg, seed=1, steps=4, prune=PruneSpec(target=0.5, interval=2))
+    again = train_local(base, GlobalAdapter(adapter=first.factors, head=first.head), 4, data, cfg, seed=2, steps=2,
+                        prune=PruneSpec(target=0.5, interval=2), masks=first.masks, scores=first.scores)
+    assert first.masks is not None and first.sparsity > 0.2 and math.isfinite(again.train_loss)

@@ -130,7 +130,9 @@ def _quantization_config(cfg: ModelConfig) -> Any:
         BitsAndBytesConfig,  # bitsandbytes is imported lazily by transformers
     )
 
-    skip = list(cfg.head_modules)  # the task head is trained and new: it stays a float linear
+    # the task head is trained and new, and a causal LM's output projection is tied to its input
+    # embeddings (quantizing it breaks the tie): both stay float linears, as in QLoRA
+    skip = [*cfg.head_modules, "lm_head"]
     if cfg.quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),

@@ -45,7 +45,18 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, batch=8, seq=1024),
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=32000, batch=4, seq=256),
+    # SmolLM2-135M (30 layers, hidden 576, 9 heads / 3 KV heads, FFN 1536, vocabulary 49,152)
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, batch=8, seq=512),
+    # a toy for CPU dry runs (scripts/gpu_check.sh --cpu), SmolLM2's vocabulary
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, batch=2, seq=64),
 }
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched on
+# torch.cuda.get_device_name(); MFU is reported against this peak and against a measured bf16 matmul.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0,
+                    "L40S": 362.1, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -84,7 +95,9 @@ def build_model(base: str, shape: dict, device: str, dtype: torch.dtype, tmp: Pa
     if base in ("nf4", "int8"):
         ckpt = tmp / "ckpt"
         if not (ckpt / "config.json").exists():
-            LlamaForCausalLM(cfg).to(dtype).save_pretrained(ckpt)
+            with torch.device(device):
+                LlamaForCausalLM(cfg).to(dtype).save_pretrained(ckpt)
+            reset_peak(device)
         q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                 bnb_4bit_use_double_quant=True) if base == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs = {"device_map": {"": 0}} if device == "cuda" else {}
@@ -94,7 +107,8 @@ def build_model(base: str, shape: dict, device: str, dtype: torch.dtype, tmp: Pa
                 if hasattr(m, "support_avx512bf16_for_cpu"):
                     m.support_avx512bf16_for_cpu = False
     else:
-        model = LlamaForCausalLM(cfg).to(dtype).to(device)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
         if base == "pruned50":
             from fedtune.pruning.importance import prune_step
             from fedtune.pruning.slicing import slice_model
@@ -109,6 +123,63 @@ def build_model(base: str, shape: dict, device: str, dtype: torch.dtype, tmp: Pa
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def train_flops_per_token(model, seq: int, rank: int = 16) -> dict:
+    """Model FLOPs of one trained token (forward + backward), read off the model's linear layers.
+
+    A frozen base needs no weight gradients: its linears cost 2N (forward) + 2N (input gradient);
+    the LoRA factors (r x (in + out) per targeted linear) cost the full 6 per parameter; attention's
+    score and value products cost 12 x layers x seq x attention width per token (PaLM's count, causal
+    masking not subtracted). ``conventional_6n`` is the full fine-tuning count (6N + attention) that
+    MFU figures are usually quoted in. Quantized linears count as their float shapes (bf16 compute)."""
+    linear = attention = lora = 0
+    for name, m in model.named_modules():
+        if type(m).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt") or "lora_" in name:
+            continue
+        linear += m.in_features * m.out_features
+        if name.split(".")[-1] in TARGETS:
+            lora += rank * (m.in_features + m.out_features)
+        if name.endswith("q_proj"):
+            attention += 12 * seq * m.out_features
+    return {"lora_training": 4 * linear + 6 * lora + attention, "conventional_6n": 6 * linear + attention,
+            "linear_params": linear}
+
+
+def peak_tflops(device: str) -> dict:
+    """The bf16 peak MFU is measured against: the data sheet's (by device name), and what a large
+    bf16 matmul reaches here (8192^3 on a GPU; fp32 1024^3 on a CPU, which has no data-sheet entry)."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        sheet = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        n, dtype, reps = 8192, torch.bfloat16, 10
+    else:
+        name, sheet, n, dtype, reps = "cpu", None, 1024, torch.float32, 5
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    measured = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+    del a, b
+    reset_peak(device)
+    return {"device_name": name, "datasheet_bf16_dense_tflops": sheet,
+            "measured_matmul_tflops": round(measured, 2), "measured_matmul": f"{n}^3 {str(dtype).split('.')[-1]}",
+            "mfu_peak_tflops": sheet or round(measured, 2),
+            "mfu_peak_source": "data sheet (dense bf16)" if sheet else "measured matmul (no data-sheet entry)"}
+
+
+def mfu_fields(tokens_per_s: float, bare_tokens_per_s: float, flops: dict, peak: dict) -> dict:
+    achieved = tokens_per_s * flops["lora_training"] / 1e12
+    bare = bare_tokens_per_s * flops["lora_training"] / 1e12
+    return {"model_tflop_per_token": flops["lora_training"] / 1e12, "achieved_tflops": round(achieved, 3),
+            "mfu": round(achieved / peak["mfu_peak_tflops"], 4), "bare_mfu": round(bare / peak["mfu_peak_tflops"], 4),
+            "mfu_vs_measured_matmul": round(achieved / peak["measured_matmul_tflops"], 4),
+            "mfu_6n": round(tokens_per_s * flops["conventional_6n"] / 1e12 / peak["mfu_peak_tflops"], 4)}
 
 
 def batches(shape: dict, steps: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -213,11 +284,14 @@ def main() -> None:
     shape = SHAPES[args.shape]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     results = []
+    peak = peak_tflops(args.device)
+    print(json.dumps({"mfu_peak": peak}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for base_name in args.bases.split(","):
             if args.device == "cpu" and base_name == "bf16":
                 base_name = "fp32"  # CPU matmuls in fp32: the same comparison at the CPU's native width
             model = build_model(base_name, shape, args.device, dtype, Path(tmp))
+            flops = train_flops_per_token(model, shape["seq"])
             bare = ours = None
             for _ in range(args.repeats):  # alternate, keep each loop's best: a shared machine's noise
                 b = bare_loop(model, shape, args.device, args.steps, args.warmup, args.lr)
@@ -227,14 +301,18 @@ def main() -> None:
             row = {"base": base_name, "tokens_per_s": ours["tokens_per_s"], "bare_tokens_per_s": bare["tokens_per_s"],
                    "ratio_vs_bare": round(ours["tokens_per_s"] / bare["tokens_per_s"], 3),
                    "peak_mem_gb": ours["peak_mem_gb"], "bare_peak_mem_gb": bare["peak_mem_gb"],
-                   "params": sum(p.numel() for p in model.parameters())}
+                   "params": sum(p.numel() for p in model.parameters()),
+                   **mfu_fields(ours["tokens_per_s"], bare["tokens_per_s"], flops, peak)}
             print(json.dumps(row), flush=True)
             results.append(row)
             del model
             reset_peak(args.device)
         fit = capacity(args.device, dtype, Path(tmp)) if args.device == "cuda" and not args.no_capacity else None
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores"
-    out = {"device": device, "shape": args.shape, "batch": shape["batch"], "seq": shape["seq"], "lora_rank": 16,
+    out = {"device": device, "shape": args.shape, "mfu_peak": peak,
+           "mfu_note": "mfu = tokens/s x model FLOPs per trained token / mfu_peak_tflops; FLOPs per token for a"
+                       " frozen base with LoRA: 4 x linear params + 6 x LoRA params + 12 x layers x seq x attention"
+                       " width (mfu_6n: the full fine-tuning count 6N + attention)", "batch": shape["batch"], "seq": shape["seq"], "lora_rank": 16,
            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "results": results, "capacity": fit,
            "versions": {"torch": torch.__version__, **_versions()},
            "command": "python simulations/bench/gpu_client_step.py " + " ".join(sys.argv[1:]),

@@ -24,6 +24,7 @@ from fedtune.core.protocol import (
     ARRAYS,
     CONFIG,
     INFO,
+    MASK_STEPS,
     MASKS,
     METRICS,
     NODE_STATE_PRUNE,
@@ -159,6 +160,8 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     if result.masks is not None:
         save_prune_state(state, result.masks, result.scores)
         reply[MASKS] = ArrayRecord(masks_to_tensors(result.masks))
-        metrics.prune_ratio = result.sparsity
+        if result.pruned_at is not None:
+            reply[MASK_STEPS] = ArrayRecord(masks_to_tensors(result.pruned_at))
+        metrics.prune_ratio, metrics.param_sparsity = result.sparsity, result.param_sparsity
     reply[METRICS] = MetricRecord(metrics.to_record())
     return reply

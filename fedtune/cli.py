@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     common(dep)
     dep.add_argument("--nodes", type=int, help="number of SuperNodes (default: federation.num_clients)")
     dep.add_argument("--out", type=Path, help="run directory (default: runs/<name>-deploy-<timestamp>)")
-    dep.add_argument("--work-dir", type=Path, help="certificates, keys, state and logs (default: <out>/deployment)")
+    dep.add_argument("--work-dir", type=Path, help="state, logs and the flwr connection (default: <out>/deployment);"
+                     " certificates and keys live in a private temporary directory removed at the end")
     dep.add_argument("--insecure", action="store_true", help="no TLS (only for trying things on one machine)")
     dep.add_argument("--no-auth", action="store_true", help="admit any SuperNode (no registration)")
     dep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to generate")
     certs.add_argument("--host", action="append", default=[], help="extra host name or IP of the SuperLink")
 
-    comp = sub.add_parser("compose", help="write docker-compose.yml and with-tls.yml for N SuperNodes")
+    comp = sub.add_parser("compose", help="write docker-compose.yml (TLS + SuperNode auth) and insecure.yml for N SuperNodes")
     comp.add_argument("--config", type=Path, help="experiment TOML whose fleet gives each node's device class")
     comp.add_argument("--nodes", type=int, default=3)
     comp.add_argument("--dir", type=Path, default=Path("."), help="where to write the two files")
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                      help="run directories, or folders searched for runs (e.g. runs/fedspine/minilm-s30)")
     rep.add_argument("--out", type=Path, help="output folder (default: <first RUN_DIR>/report)")
+    rep.add_argument("--unmasked", action="store_true",
+                     help="measure time to target on the unpruned global adapter instead of under devices' masks")
     rep.add_argument("--target", type=float, help="target metric (default: each run's experiment.json, else"
                                                    " the least good method's mean final value)")
 
@@ -117,7 +120,8 @@ def _report(args: argparse.Namespace) -> int:
 
     out = args.out or args.runs[0] / "report"
     try:
-        report(args.runs, out, target=args.target, command="fedtune report " + " ".join(map(str, args.runs)))
+        report(args.runs, out, target=args.target, command="fedtune report " + " ".join(map(str, args.runs)),
+               prefer_masked=not args.unmasked)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc).removeprefix("fedtune report: ")) from None
     print(f"[fedtune] wrote {out / 'table.md'}, {out / 'summary.json'} and plots to {out}")

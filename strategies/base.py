@@ -19,6 +19,7 @@ folded into B).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable
@@ -50,6 +51,7 @@ from fedtune.core.protocol import (
     PruneSpec,
     ReplyInfo,
     Status,
+    TrainMetrics,
     TrainRequest,
     client_setup,
 )
@@ -64,11 +66,10 @@ from fedtune.lora.factors import (
     GlobalAdapter,
     init_factors,
     is_finite_adapter,
-    scale_for_holders,
     truncate_factors,
 )
 from fedtune.lora.records import RecordError, record_to_state, state_to_record
-from fedtune.pruning.masks import Masks, masks_from_bits, masks_to_bits
+from fedtune.pruning.masks import Masks, mask_segments, masks_from_bits, masks_to_bits
 from fedtune.pruning.structure import LayerStructure
 from strategies.replies import ReplyDecoder
 
@@ -151,6 +152,7 @@ class LoraStrategy(Strategy):
         self.decoder = ReplyDecoder({}, {}, structure)
         self.server_round = 0  # the round being configured / aggregated
         self.client_masks: dict[int, Masks] = {}  # latest pruning masks each client reported
+        self.trained_rank: dict[int, int] = {}  # rank of each client's last accepted round
         self._sent: dict[int, _Sent] = {}  # node -> what was sent to it this round
         self._prefailed: list[dict[str, Any]] = []
         self._result: dict[int, RoundResult] = {}
@@ -330,7 +332,7 @@ class LoraStrategy(Strategy):
             rec.update({ClientKey.STATUS: Status.REJECTED, ClientKey.REASON: str(exc)})
             log(WARNING, "round %d: rejected update of client %d: %s", server_round, sent.client_id, exc)
             return rec, None
-        update, m = decoded.update, decoded.metrics
+        update, m = decoded.update, self._bounded(decoded.metrics)
         if decoded.masks is not None:
             self.client_masks[sent.client_id] = decoded.masks
         rec.update({ClientKey.STATUS: Status.OK, ClientKey.TRAIN_LOSS: update.train_loss,
@@ -347,15 +349,43 @@ class LoraStrategy(Strategy):
             if info.quantization != "none":
                 rec[ClientKey.QUANTIZATION] = info.quantization
         if self.clock is not None:
+            segments = mask_segments(decoded.pruned_at, m.steps) if decoded.pruned_at is not None else None
             fields, status, reason = self.clock.charge(
                 sent.client_id, server_round, rank=update.rank, masks=self.client_masks.get(sent.client_id),
-                steps=m.steps or self.experiment.train.local_steps, tokens=m.tokens, bytes_down=sent.bytes_down,
-                bytes_up=reply.content[ARRAYS].count_bytes())
+                steps=m.steps, tokens=m.tokens, bytes_down=sent.bytes_down,
+                bytes_up=reply.content[ARRAYS].count_bytes(), segments=segments)
             rec.update(fields)
             if status is not None:
                 rec.update({ClientKey.STATUS: status, ClientKey.REASON: reason})
                 return rec, None
+        self.trained_rank[sent.client_id] = update.rank
         return rec, update
+
+    def _bounded(self, m: TrainMetrics) -> TrainMetrics:
+        """Client-reported figures made safe for the clock and the bandit: steps within what was asked
+        (the configured local steps when absent or out of range), tokens within what those steps can
+        process, sparsity in [0, 1), non-finite or negative times as NaN (recorded as null)."""
+        train = self.experiment.train
+        asked = train.local_steps
+        steps = m.steps if 1 <= m.steps <= asked else asked
+        max_tokens = steps * train.batch_size * self.experiment.model.max_length
+        tokens = int(m.tokens) if 0 <= m.tokens <= max_tokens else max_tokens
+
+        def seconds(v: float) -> float:
+            return v if math.isfinite(v) and v >= 0 else math.nan
+
+        def fraction(v: float | None) -> float | None:
+            return None if v is None else (v if math.isfinite(v) and 0.0 <= v < 1.0 else 0.0)
+
+        return dataclasses.replace(m, steps=steps, tokens=tokens, train_time_s=seconds(m.train_time_s),
+                                   setup_s=seconds(m.setup_s), process_s=seconds(m.process_s),
+                                   loss_start=m.loss_start if math.isfinite(m.loss_start) else math.nan,
+                                   loss_end=m.loss_end if math.isfinite(m.loss_end) else math.nan,
+                                   prune_ratio=fraction(m.prune_ratio), param_sparsity=fraction(m.param_sparsity))
+
+    def deploy_rank(self, client_id: int) -> int:
+        """The rank a device is deployed at: the rank of its last accepted round (no new policy draw)."""
+        return self.trained_rank.get(client_id, self.experiment.lora.rank_for(client_id))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -400,7 +430,7 @@ class LoraStrategy(Strategy):
                 " is unchanged", server_round, len(updates), min_replies)
             return None, None
         updates.sort(key=lambda u: u.client_id)  # reply order varies; aggregation must not (bitwise resume)
-        new_state = self.aggregate(scale_for_holders(updates), self.current)
+        new_state = self.aggregate(updates, self.current)  # rules average each coordinate over its holders
         bad = is_finite_adapter(new_state.adapter, new_state.head) or is_finite_adapter(new_state.frozen)
         if bad is not None:
             log(WARNING, "round %d: aggregation produced non-finite %s; keeping the previous adapter", server_round, bad)
@@ -420,12 +450,14 @@ class LoraStrategy(Strategy):
         """JSON-serialisable strategy state saved with every checkpoint (restored on resume): the
         simulated clock and every client's latest pruning masks."""
         masks = {str(cid): masks_to_bits(cm) for cid, cm in sorted(self.client_masks.items())}
-        return {"sim_time_s": self.clock.sim_time_s if self.clock is not None else 0.0, "client_masks": masks}
+        return {"sim_time_s": self.clock.sim_time_s if self.clock is not None else 0.0, "client_masks": masks,
+                "trained_rank": {str(cid): r for cid, r in sorted(self.trained_rank.items())}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.clock is not None:
             self.clock.sim_time_s = float(state.get("sim_time_s", 0.0))
         self.client_masks = {int(cid): masks_from_bits(bits) for cid, bits in state.get("client_masks", {}).items()}
+        self.trained_rank = {int(cid): int(r) for cid, r in state.get("trained_rank", {}).items()}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

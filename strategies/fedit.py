@@ -4,7 +4,8 @@ Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning"
 ICASSP 2024 (arXiv 2305.05644).
 
 ``A = sum_k p_k A_k``, ``B = sum_k p_k B_k`` with ``p_k = n_k / sum n``. Defined for equal
-ranks only. It is inexact: ``mean(B) mean(A) != mean(B A)`` in general.
+ranks only. It is inexact: ``mean(B) mean(A) != mean(B A)`` in general. Under pruning, each
+B row (A column) is the example-weighted mean over the clients that still hold it.
 """
 
 from __future__ import annotations
@@ -12,22 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.core.config import ConfigError, ExperimentConfig
-from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter
+from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, holder_weights
 from strategies.base import LoraStrategy
 
 
 def aggregate_fedit(updates: list[ClientUpdate]) -> Factors:
-    """Example-weighted average of A and of B, module by module (equal ranks)."""
+    """Example-weighted average of A and of B, module by module (equal ranks), each B row and
+    A column over the clients that hold it."""
     ranks = {u.rank for u in updates}
     if len(ranks) != 1:
         raise ValueError(f"FedIT needs equal client ranks, got {sorted(ranks)}")
-    total = float(sum(u.num_examples for u in updates))
-    out: Factors = {}
-    for m in updates[0].factors:
-        a = sum(u.factors[m][0] * (u.num_examples / total) for u in updates)
-        b = sum(u.factors[m][1] * (u.num_examples / total) for u in updates)
-        out[m] = (a, b)  # type: ignore[assignment]
-    return out
+    weights = [float(u.num_examples) for u in updates]
+    return {m: holder_weights(updates, m, weights).mean_factors([u.factors[m] for u in updates])
+            for m in updates[0].factors}
 
 
 class FedIT(LoraStrategy):

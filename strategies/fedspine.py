@@ -6,26 +6,39 @@ time; no device profiles). This strategy asks the policy (``policy.name``, any
 :class:`fedtune.fleet.policies.Policy`, by registry name, ``module:Class`` or ``file.py:Class``)
 for each sampled client's arm, sends each node its own rank-projected adapter and target
 ratio, aggregates the heterogeneous ranks with FlexLoRA (default) or HetLoRA, and feeds
-each client's reward (:func:`fedtune.fleet.rewards.fedspine_reward`) back, and, to policies that
-have ``observe(client_id, seconds, median_seconds)``, each client's completion time against
-the round's median (S-UCB pools its statistics by that observed speed). The policy's state
-is saved with every checkpoint.
+each client's reward (:func:`fedtune.fleet.rewards.round_rewards`) back; a reward that cannot
+be computed (a missing time or loss) is skipped with a warning on the ``fedtune.fleet`` logger.
+Policies that have ``observe(speeds)`` also get the round's finished clients'
+:class:`fedtune.fleet.policies.Speed` (FLOP/s and bytes/s on a simulated fleet, else seconds;
+S-UCB pools its statistics by that arm-normalised speed); a policy without ``observe`` is
+not asked. The policy's state is saved with every checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 from fedtune.core.config import ConfigError, ExperimentConfig
 from fedtune.core.plugins import load_plugin
 from fedtune.core.protocol import ClientKey as K
 from fedtune.core.protocol import Status
-from fedtune.fleet.policies import POLICIES, Arm, Policy, StaticPolicy, make_policy
-from fedtune.fleet.rewards import fedspine_reward
+from fedtune.fleet.policies import (
+    POLICIES,
+    Arm,
+    Policy,
+    Speed,
+    StaticPolicy,
+    make_policy,
+)
+from fedtune.fleet.rewards import Outcome, round_rewards
 from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter
 from strategies.base import LoraStrategy
 from strategies.flexlora import aggregate_flexlora
 from strategies.hetlora import aggregate_hetlora
+
+log = logging.getLogger("fedtune.fleet")
 
 
 def build_policy(experiment: ExperimentConfig) -> Any:
@@ -96,34 +109,29 @@ class FedSpine(LoraStrategy):
         return aggregate_flexlora(updates, self.global_rank)
 
     def after_round(self, server_round: int, records: list[dict[str, Any]]) -> None:
-        """Reward every client that was sent an arm this round; failures score 0."""
-        ok = [r for r in records if r[K.STATUS] == Status.OK]
-        times = [r.get(K.SIM_SECONDS, r.get(K.TRAIN_TIME_S, 0.0)) for r in ok]
-        fastest = min((t for t in times if t and t > 0), default=1.0)
+        """Reward every client that was sent an arm this round (failures score 0; a reward that
+        cannot be computed is skipped and logged), then report the finished clients' speeds."""
         target = self.experiment.policy.target_sparsity
-        for rec in records:
-            key = (server_round, rec[K.CLIENT_ID])
+        rewards = round_rewards([Outcome.from_record(r) for r in records], target=target)
+        for rec, reward in zip(records, rewards):
+            client = rec[K.CLIENT_ID]
+            key = (server_round, client)
             if key not in self.arms:
                 continue
             arm = self.arms.pop(key)
-            if rec[K.STATUS] == Status.OK:
-                self.sparsity[rec[K.CLIENT_ID]] = float(rec.get(K.PRUNE_RATIO, 0.0))
-            if rec[K.STATUS] != Status.OK:
-                reward = 0.0
-            else:
-                reward = fedspine_reward(
-                    loss_prev=rec.get(K.LOSS_START, rec.get(K.TRAIN_LOSS, 0.0)),
-                    loss_now=rec.get(K.LOSS_END, rec.get(K.TRAIN_LOSS, 0.0)),
-                    reached=rec.get(K.PRUNE_RATIO, 0.0), target=target,
-                    seconds=rec.get(K.SIM_SECONDS, rec.get(K.TRAIN_TIME_S, 1.0)) or 1.0, fastest_seconds=fastest)
-            rec[K.REWARD] = round(reward, 4)
             rec[K.ARM] = {"ratio": arm.ratio, "rank": arm.rank}
-            self.policy.update(rec[K.CLIENT_ID], arm, reward)
+            if rec[K.STATUS] == Status.OK:
+                self.sparsity[client] = float(rec.get(K.PRUNE_RATIO, 0.0))
+            if not math.isfinite(reward):
+                log.warning("round %d: no reward for client %d (arm %s): its seconds or losses are missing or "
+                            "not finite", server_round, client, arm)
+                continue
+            rec[K.REWARD] = round(reward, 4)
+            self.policy.update(client, arm, reward)
         observe = getattr(self.policy, "observe", None)  # optional: policies that pool by observed speed
-        if callable(observe) and times:
-            median = sorted(times)[len(times) // 2]
-            for rec, t in zip(ok, times):
-                observe(rec[K.CLIENT_ID], float(t or 0.0), float(median or 0.0))
+        speeds = {r[K.CLIENT_ID]: Speed.from_record(r) for r in records if r[K.STATUS] == Status.OK}
+        if callable(observe) and speeds:
+            observe(speeds)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "policy": self.policy.state_dict(),

@@ -6,22 +6,46 @@ Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024
 A is initialised once (seeded, shared by all clients) and never trained, so averaging
 B alone is exact: ``sum_k p_k B_k A = (sum_k p_k B_k) A``. Heterogeneous ranks receive
 ``A[:r]`` and their B is zero-padded back to the global rank before averaging.
+
+Under structured pruning every coordinate of ``delta_W`` should be the example-weighted mean
+over the clients that still hold it. For pruned B rows that is exact: each row of B is
+averaged over its holders. For pruned A columns the weights vary along the columns of
+``delta_W``, which a single B over the fixed A cannot express in general; B is then the
+least-squares fit ``argmin_B ||B A - D||_F`` of that holder mean ``D = sum_k B_k A Q_k``
+(``Q_k`` the diagonal of client k's per-column weights):
+``B = sum_k B_k (A Q_k A^T) (A A^T)^+``, computed from (r x r) matrices, never ``D``. It is
+``D`` projected onto the row space of A, and equals the plain mean when nobody pruned.
 """
 
 from __future__ import annotations
 
-from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, pad_factors
+import torch
+
+from fedtune.lora.factors import (
+    ClientUpdate,
+    Factors,
+    GlobalAdapter,
+    holder_weights,
+    pad_factors,
+)
 from strategies.base import LoraStrategy
 
 
 def aggregate_ffalora(updates: list[ClientUpdate], current: Factors) -> Factors:
-    """Example-weighted average of zero-padded B; A is the current global (frozen) A."""
-    total = float(sum(u.num_examples for u in updates))
+    """Example-weighted average of zero-padded B over the holders; A is the current global (frozen) A."""
+    weights = [float(u.num_examples) for u in updates]
     out: Factors = {}
     for m, (a_global, _) in current.items():
         rank = a_global.shape[0]
-        b = sum((u.num_examples / total) * pad_factors(*u.factors[m], rank)[1] for u in updates)
-        out[m] = (a_global, b)  # type: ignore[assignment]
+        bs = [pad_factors(*u.factors[m], rank)[1] for u in updates]
+        hw = holder_weights(updates, m, weights)
+        if hw.axis == "cols":
+            a = a_global.double()
+            core = sum(b.double() @ ((a * q[None, :]) @ a.T) for b, q in zip(bs, hw.coords))  # (out, r)
+            b_new = (core @ torch.linalg.pinv(a @ a.T, hermitian=True)).to(bs[0].dtype)
+        else:
+            b_new = sum(hw.b_weight(k, b) * b for k, b in enumerate(bs))
+        out[m] = (a_global, b_new)  # type: ignore[assignment]
     return out
 
 

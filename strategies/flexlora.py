@@ -8,22 +8,31 @@ adapter is its rank-``r_max`` truncated SVD, stored as ``B = U sqrt(S)``, ``A = 
 with components sorted, so a client of rank r receives the best rank-r approximation by
 plain truncation. The SVD is computed from QR factorisations of the stacked factors and
 the SVD of a small (R x R) core (R = sum of client ranks), as NVFlare's heterogeneous
-LoRA example does, never from the dense ``out x in`` matrix.
+LoRA example does, never from the dense ``out x in`` matrix. Under structured pruning
+each row (column) of ``delta_W`` is the example-weighted mean over the clients that still
+hold it: the renormalised weights go onto B's rows (A's columns) before the QR.
 """
 
 from __future__ import annotations
 
-from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, lowrank_svd
+from fedtune.lora.factors import (
+    ClientUpdate,
+    Factors,
+    GlobalAdapter,
+    holder_weights,
+    lowrank_svd,
+)
 from strategies.base import LoraStrategy
 
 
 def aggregate_flexlora(updates: list[ClientUpdate], rank: int) -> Factors:
-    total = float(sum(u.num_examples for u in updates))
-    weights = [u.num_examples / total for u in updates]
-    return {
-        m: lowrank_svd([u.factors[m] for u in updates], weights, rank)
-        for m in updates[0].factors
-    }
+    """Rank-``rank`` SVD of the example-weighted (per row/column: holder-renormalised) sum of products."""
+    weights = [float(u.num_examples) for u in updates]
+    out: Factors = {}
+    for m in updates[0].factors:
+        parts = holder_weights(updates, m, weights).product_parts([u.factors[m] for u in updates])
+        out[m] = lowrank_svd(parts, [1.0] * len(parts), rank)
+    return out
 
 
 class FlexLoRA(LoraStrategy):

@@ -10,7 +10,9 @@ global state (clients add it as a frozen path, so quantized bases work too), and
 client starts the next round from a fresh adapter (A random, seeded by round; B = 0).
 When the frozen rank exceeds ``max_frozen_rank`` it is re-compressed by the QR/SVD of
 :func:`fedtune.lora.factors.lowrank_svd` (exact while the true rank fits; the best
-approximation otherwise).
+approximation otherwise). Under structured pruning each row (column) of the stacked update
+is the example-weighted mean over the clients that still hold it (renormalised weights on
+B's rows or A's columns).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedtune.lora.factors import (
     ClientUpdate,
     Factors,
     GlobalAdapter,
+    holder_weights,
     init_factors,
     lowrank_svd,
     stack_factors,
@@ -33,10 +36,14 @@ from strategies.base import LoraStrategy, weighted_head_average
 
 
 def aggregate_flora(updates: list[ClientUpdate]) -> Factors:
-    """Stack every client's factors with weights ``p_k = n_k / sum n``."""
-    total = float(sum(u.num_examples for u in updates))
-    weights = [u.num_examples / total for u in updates]
-    return {m: stack_factors([u.factors[m] for u in updates], weights) for m in updates[0].factors}
+    """Stack every client's factors with weights ``p_k = n_k / sum n`` (per row/column renormalised
+    over the clients that hold it, under pruning)."""
+    weights = [float(u.num_examples) for u in updates]
+    out: Factors = {}
+    for m in updates[0].factors:
+        parts = holder_weights(updates, m, weights).product_parts([u.factors[m] for u in updates])
+        out[m] = stack_factors(parts, [1.0] * len(parts))
+    return out
 
 
 def merge_frozen(frozen: Factors, stacked: Factors, max_rank: int) -> Factors:

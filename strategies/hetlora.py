@@ -7,15 +7,22 @@ The global adapter lives at ``r_max``. A client of rank r receives the truncatio
 ``A[:r]``, ``B[:, :r]``; its reply is zero-padded back to ``r_max``. Replies are averaged
 with weights ``S_k = ||B_k A_k||_F`` normalised over the round's clients (per module),
 so clients whose update moved the weights more count more. ``||B A||_F`` is computed
-from the (r x r) Gram matrices, never the dense product. (The paper's local rank
-self-pruning is not included.)
+from the (r x r) Gram matrices, never the dense product. Under structured pruning each B
+row (A column) is the norm-weighted mean over the clients that still hold it (the weights
+renormalised per row/column). (The paper's local rank self-pruning is not included.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter, pad_factors
+from fedtune.lora.factors import (
+    ClientUpdate,
+    Factors,
+    GlobalAdapter,
+    holder_weights,
+    pad_factors,
+)
 from strategies.base import LoraStrategy
 
 
@@ -26,16 +33,13 @@ def product_norm(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def aggregate_hetlora(updates: list[ClientUpdate], rank: int) -> Factors:
-    """Zero-pad every client's factors to ``rank`` and average them with norm weights."""
+    """Zero-pad every client's factors to ``rank`` and average them with norm weights
+    (per B row / A column over the clients that hold it; uniform when all norms are 0)."""
     out: Factors = {}
     for m in updates[0].factors:
         norms = [product_norm(*u.factors[m]) for u in updates]
-        total = sum(norms)
-        weights = [n / total for n in norms] if total > 0 else [1.0 / len(updates)] * len(updates)
         padded = [pad_factors(*u.factors[m], rank) for u in updates]
-        a = sum(w * pa for w, (pa, _) in zip(weights, padded))
-        b = sum(w * pb for w, (_, pb) in zip(weights, padded))
-        out[m] = (a, b)  # type: ignore[assignment]
+        out[m] = holder_weights(updates, m, norms).mean_factors(padded)
     return out
 
 

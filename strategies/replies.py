@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedtune.core.protocol import ARRAYS, MASKS, METRICS, TrainMetrics
+from fedtune.core.protocol import ARRAYS, MASK_STEPS, MASKS, METRICS, TrainMetrics
 from fedtune.lora.factors import ClientUpdate, is_finite_adapter
 from fedtune.lora.records import record_to_factors
-from fedtune.pruning.masks import Masks, masks_from_tensors
+from fedtune.pruning.masks import Masks, masks_from_tensors, steps_from_tensors
 from fedtune.pruning.structure import LayerStructure, module_keep
 
 __all__ = ["ReplyDecoder", "DecodedReply"]
@@ -28,6 +28,7 @@ class DecodedReply:
     update: ClientUpdate
     metrics: TrainMetrics
     masks: Masks | None  # the client's masks after its round, when it prunes
+    pruned_at: Masks | None = None  # per unit, the local step after which it was pruned (-1 kept)
 
 
 @dataclass
@@ -70,11 +71,31 @@ class ReplyDecoder:
                 size = factors[m][1].shape[0] if how == "rows" else factors[m][0].shape[1]
                 if vec.numel() != size:
                     raise ValueError(f"{m}: pruning mask has {vec.numel()} entries for {size} {how}")
+        pruned_at = None
+        if masks is not None and MASK_STEPS in reply.content.array_records:
+            pruned_at = self.decode_steps(reply.content[MASK_STEPS], masks, metrics.steps)
         numeric = {k: float(v) for k, v in metrics.to_record().items()}
         update = ClientUpdate(client_id=client_id, rank=rank, factors=factors, head=head,
                               num_examples=metrics.num_examples, train_loss=metrics.train_loss,
                               metrics=numeric, keep=keep)
-        return DecodedReply(update=update, metrics=metrics, masks=masks)
+        return DecodedReply(update=update, metrics=metrics, masks=masks, pruned_at=pruned_at)
+
+    def decode_steps(self, record: ArrayRecord, masks: Masks, steps: int) -> Masks:
+        """Per-unit pruning steps, consistent with the final ``masks``: -1 exactly where a unit is
+        kept, else a step in [0, steps]."""
+        try:
+            pruned_at = steps_from_tensors(record.to_torch_state_dict())
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"malformed pruning steps: {exc}") from exc
+        for layer, m in masks.items():
+            got = pruned_at.get(layer, {})
+            if set(got) != set(m) or any(got[k].shape != m[k].shape for k in m):
+                raise ValueError(f"pruning steps of layer {layer} do not match its masks")
+            for k, keep in m.items():
+                at = got[k]
+                if bool(((at < 0) != keep).any()) or bool((at > max(steps, 0)).any()) or bool((at < -1).any()):
+                    raise ValueError(f"pruning steps of layer {layer} {k} are inconsistent with its masks")
+        return pruned_at
 
     def decode_masks(self, record: ArrayRecord) -> Masks:
         if self.structure is None:

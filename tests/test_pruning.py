@@ -190,3 +190,77 @@ def test_pruning_events_leave_the_recovery_steps_free():
     assert event_steps(3, 1, recovery_steps=5) == [1]
     with pytest.raises(ConfigError, match="prune.recovery_steps"):
         config_from_dict({"prune": {"recovery_steps": -1}})
+
+
+def test_importance_is_l2_normalised_per_module():
+    """LoRAPrune normalises each module's group scores by their L2 norm before summing a group's modules."""
+    from fedtune.pruning.importance import normalise, unit_scores
+
+    torch.testing.assert_close(normalise(torch.tensor([3.0, 4.0])), torch.tensor([0.6, 0.8]))
+    assert torch.equal(normalise(torch.zeros(3)), torch.zeros(3))
+    bert, _ = tiny("tiny-bert")
+    ls = model_structure(bert.model)[0]
+    gen = torch.Generator().manual_seed(0)
+    w_in = torch.rand(ls.ffn_dim, 32, generator=gen)  # (out=ffn, in=hidden): one row per channel
+    w_out = torch.rand(32, ls.ffn_dim, generator=gen) * 7.0  # (out=hidden, in=ffn): one column per channel
+    one = unit_scores([ls], {ls.ffn_in[0]: w_in})[ls.layer]["ffn"]
+    assert float(one.norm()) == pytest.approx(1.0, abs=1e-5)
+    both = unit_scores([ls], {ls.ffn_in[0]: w_in, ls.ffn_out: w_out})[ls.layer]["ffn"]
+    rows, cols = w_in.sum(1), w_out.sum(0)
+    torch.testing.assert_close(both, rows / rows.norm() + cols / cols.norm())
+
+
+def test_importance_ema_starts_from_zero(monkeypatch):
+    """LoRAPrune's moving average starts from zero: the first observation gets weight (1 - ema), not 1."""
+    import fedtune.pruning.prune_and_tune as pt
+
+    bert, _ = tiny("tiny-bert")
+    s = model_structure(bert.model)
+    x1 = {ls.layer: {"attn": torch.tensor([4.0, 0.0, 2.0, 2.0]), "ffn": torch.ones(ls.ffn_dim)} for ls in s}
+    x2 = {ls.layer: {"attn": torch.tensor([0.0, 3.0, 2.0, 2.0]), "ffn": torch.ones(ls.ffn_dim)} for ls in s}
+    seq = iter([x1, x2])
+    monkeypatch.setattr(pt, "unit_scores", lambda structure, weights: next(seq))
+    pruner = pt.PruneAndTune(bert.model, {}, s, PruneSpec(target=0.25, interval=2, ema=0.5), total_steps=2)
+    try:
+        pruner.observe()
+        torch.testing.assert_close(pruner.scores[0]["attn"], torch.tensor([2.0, 0.0, 1.0, 1.0]))
+        pruner.observe()
+        torch.testing.assert_close(pruner.scores[0]["attn"], torch.tensor([1.0, 1.5, 1.5, 1.5]))
+        pruner.after_step(2)  # from zero, the newer observation wins: unit 0 is the least important
+        assert pruner.masks[0]["attn"].tolist() == [False, True, True, True]
+    finally:
+        pruner.close()
+
+
+def test_edge_layers_are_skipped_by_default():
+    """prune.skip_edge_layers (default on): the first and last layers are never pruned, as in LoRAPrune,
+    unless the model has 2 or fewer layers (skipping both edges would leave nothing to prune)."""
+    from fedtune.core.config import PruneConfig
+
+    assert PruneSpec.from_config(PruneConfig(), 0.5, 6).skip_layers == (0, 5)
+    assert PruneSpec.from_config(PruneConfig(skip_layers=[2, 5]), 0.5, 6).skip_layers == (0, 2, 5)
+    assert PruneSpec.from_config(PruneConfig(), 0.5, 3).skip_layers == (0, 2)
+    assert PruneSpec.from_config(PruneConfig(), 0.5, 2).skip_layers == ()  # tiny models: all layers prunable
+    assert PruneSpec.from_config(PruneConfig(), 0.5, 1).skip_layers == ()
+    assert PruneSpec.from_config(PruneConfig(), 0.5, 0).skip_layers == ()
+    assert PruneSpec.from_config(PruneConfig(skip_layers=[1]), 0.5, 2).skip_layers == (1,)
+    off = config_from_dict({"prune": {"skip_edge_layers": False, "skip_layers": [3]}}).prune
+    assert PruneSpec.from_config(off, 0.5, 6).skip_layers == (3,)
+    assert config_from_dict({}).prune.skip_edge_layers is True
+
+
+def test_skipped_layers_do_not_count_toward_the_starting_ratio():
+    """A round continuing from masks that already reach the target on every prunable layer has no
+    pruning event, even though the skipped (whole) layers bring the all-layer average down."""
+    from fedtune.pruning.prune_and_tune import PruneAndTune
+
+    bert, _ = tiny("tiny-bert")
+    s = model_structure(bert.model)
+    scores = {ls.layer: {"attn": torch.arange(4.0), "ffn": torch.arange(64.0)} for ls in s}
+    masks = prune_step(full_masks(s), scores, 0.5, skip_layers={0})
+    pruner = PruneAndTune(bert.model, {}, s, PruneSpec(target=0.5, interval=2, skip_layers=(0,)), total_steps=4,
+                          masks=masks, scores=scores)
+    try:
+        assert pruner.start == pytest.approx(0.5) and pruner.num_events == 0
+    finally:
+        pruner.close()

@@ -86,7 +86,7 @@ def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path):
     assert chosen in setting["grid"]
     for m in setting["methods"].values():
         assert m["seeds"] == 2
-        assert 0.0 <= m["final_accuracy"] <= 1.0
+        assert 0.0 <= m["final_masked_accuracy"] <= 1.0  # pruning runs: measured under the devices' masks
         assert m["deployed_sparsity"]["mean"] == pytest.approx(setting["methods"]["fedspine"]["deployed_sparsity"]["mean"])
         assert "speedup_vs_best_baseline" in m and "time_to_target_s" in m
         assert m["bytes_sent_mb"]["mean"] > 0

@@ -153,8 +153,7 @@ def test_unknown_strategy_option_names_the_key():
 
 
 def test_mask_aware_aggregation_averages_each_coordinate_over_its_holders(gen):
-    from fedtune.lora.factors import scale_for_holders
-
+    """The rules themselves average a pruned row over its holders (no pre-scaling of the updates)."""
     a1, b1 = (t.float() for t in rand_factors(gen, 4))
     a2, b2 = (t.float() for t in rand_factors(gen, 4))
     keep1 = torch.ones(12, dtype=torch.bool)
@@ -164,31 +163,35 @@ def test_mask_aware_aggregation_averages_each_coordinate_over_its_holders(gen):
     u1 = update(0, {"m": (a1, b1)}, 30)
     u1.keep = {"m": ("rows", keep1)}
     u2 = update(1, {"m": (a2, b2)}, 10)
-    scaled = scale_for_holders([u1, u2])
-    out = FedIT(exp(ranks=(4,))).aggregate_adapters(scaled, GlobalAdapter())
+    out = FedIT(exp(ranks=(4,))).aggregate_adapters([u1, u2], GlobalAdapter())
     # rows 0-5: only client 2 holds them -> its rows, not diluted by client 1's zeros
     torch.testing.assert_close(out["m"][1][:6], b2[:6])
     torch.testing.assert_close(out["m"][1][6:], 0.75 * b1[6:] + 0.25 * b2[6:])
+    torch.testing.assert_close(out["m"][0], 0.75 * a1 + 0.25 * a2)  # A is held by both
     # product-based rules see the same holder average, row by row
-    flora = aggregate_flora(scaled)
+    flora = aggregate_flora([u1, u2])
     dense = flora["m"][1] @ flora["m"][0]
     torch.testing.assert_close(dense[:6], (b2 @ a2)[:6], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense[6:], (0.75 * b1 @ a1 + 0.25 * b2 @ a2)[6:], atol=1e-5, rtol=1e-5)
 
 
 def test_column_pruning_and_coordinates_nobody_holds(gen):
-    from fedtune.lora.factors import scale_for_holders
+    from fedtune.lora.factors import holder_weights
 
     a1, b1 = (t.float() for t in rand_factors(gen, 2))
     keep = torch.ones(10, dtype=torch.bool)
     keep[3] = False
     a1 = a1.clone()
-    a1[:, 3] = 0.0
+    a1[:, 3] = 7.0  # whatever a client leaves in a pruned column does not count
     u1 = update(0, {"m": (a1, b1)}, 5)
     u1.keep = {"m": ("cols", keep)}
-    (s1,) = scale_for_holders([u1])
-    torch.testing.assert_close(s1.factors["m"][0][:, 3], torch.zeros(2))
-    torch.testing.assert_close(s1.factors["m"][0][:, :3], a1[:, :3])
+    hw = holder_weights([u1], "m", [5.0])
+    assert hw.axis == "cols"
+    torch.testing.assert_close(hw.coords[0], keep.double())
+    out = FedIT(exp(ranks=(2,))).aggregate_adapters([u1], GlobalAdapter())
+    torch.testing.assert_close(out["m"][0][:, 3], torch.zeros(2))  # nobody holds column 3
+    torch.testing.assert_close(out["m"][0][:, :3], a1[:, :3])
+    torch.testing.assert_close(out["m"][1], b1)
 
 
 def test_the_readme_plugin_example_works(tmp_path, gen):

@@ -161,6 +161,11 @@ class FederationConfig:
     round_timeout_s: float = 3600.0  # per-round deadline: replies later than this are dropped
     min_replies: int = 1  # fewer valid updates than this leave the global adapter unchanged
     evaluate_every: int = 1  # server-side evaluation period in rounds
+    # pruning runs: each evaluation also scores the global adapter under the masks of this many of the
+    # round's sampled devices (the first by client id that have masks), recorded as masked_eval_*;
+    # reports measure time to target on it. 0 = off
+    masked_eval_clients: int = 3
+    masked_eval_panel: list[int] = field(default_factory=list)  # fixed client ids instead of the sampled ones
 
     def __post_init__(self) -> None:
         _positive("federation.num_clients", self.num_clients)
@@ -177,6 +182,11 @@ class FederationConfig:
         _positive("federation.evaluate_every", self.evaluate_every)
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _positive("federation.min_replies", self.min_replies)
+        if self.masked_eval_clients < 0:
+            raise ConfigError(f"federation.masked_eval_clients: must be >= 0, got {self.masked_eval_clients}")
+        bad = [c for c in self.masked_eval_panel if not 0 <= c < self.num_clients]
+        if bad:
+            raise ConfigError(f"federation.masked_eval_panel: client {bad[0]} is not in [0, num_clients={self.num_clients})")
 
     def sample_size(self, available: int) -> int:
         n = self.clients_per_round or int(available * self.fraction_train)
@@ -194,6 +204,7 @@ class PruneConfig:
     importance: str = "lora"  # lora (LoRAPrune) | magnitude | random | taylor
     ema: float = 0.9  # moving-average factor of group importance
     skip_layers: list[int] = field(default_factory=list)  # layer indices that are never pruned
+    skip_edge_layers: bool = True  # also never prune the first and last layer (LoRAPrune); only for models of > 2 layers
     export_client_models: bool = True  # write runs/<run>/clients/<id>/model at the end
     # at the end, complete every device that took part to the run's target sparsity (fedspine:
     # policy.target_sparsity; else the largest prune.ratio) and measure a few deployed models

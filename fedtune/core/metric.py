@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Metric", "ACCURACY", "PERPLEXITY", "metric_for_task", "metric_of_records", "metric_named",
-           "time_to_target"]
+__all__ = ["Metric", "ACCURACY", "PERPLEXITY", "metric_for_task", "metric_of_records", "metric_named", "masked",
+           "reported_metric", "time_to_target"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class Metric:
         return max(values) if self.higher_is_better else min(values)
 
     @property
+    def slug(self) -> str:
+        """The key without ``eval_``: ``accuracy``, ``perplexity``, ``masked_accuracy``, ..."""
+        return self.key.replace("eval_", "")
+
+    @property
     def comparator(self) -> str:
         return ">=" if self.higher_is_better else "<="
 
@@ -46,8 +51,18 @@ def metric_for_task(task: str) -> Metric:
     return ACCURACY if task == "classification" else PERPLEXITY
 
 
+MASKED_PREFIX = "masked_"
+
+
+def masked(metric: Metric) -> Metric:
+    """The same metric of the global adapter under devices' pruning masks (what deployed models see)."""
+    return Metric(MASKED_PREFIX + metric.key, f"{metric.short} (pruned)", metric.higher_is_better)
+
+
 def metric_named(key: str) -> Metric:
     """The metric of a metrics.jsonl key; raises ValueError naming an unknown one."""
+    if key.startswith(MASKED_PREFIX):
+        return masked(metric_named(key.removeprefix(MASKED_PREFIX)))
     if key not in _BY_KEY:
         raise ValueError(f"unknown metric {key!r} (known: {', '.join(sorted(_BY_KEY))})")
     return _BY_KEY[key]
@@ -56,6 +71,14 @@ def metric_named(key: str) -> Metric:
 def metric_of_records(records: list[dict[str, Any]]) -> Metric:
     """The metric a run's records carry: accuracy when any record has it, else perplexity."""
     return ACCURACY if any(r.get(ACCURACY.key) is not None for r in records) else PERPLEXITY
+
+
+def reported_metric(records: list[dict[str, Any]], prefer_masked: bool = True) -> Metric:
+    """The metric a comparison reads: the masked one when the run recorded it (and it is preferred),
+    else the unmasked one."""
+    m = metric_of_records(records)
+    mm = masked(m)
+    return mm if prefer_masked and any(r.get(mm.key) is not None for r in records) else m
 
 
 def time_to_target(records: list[dict[str, Any]], target: float, metric: str = ACCURACY.key) -> float | None:

@@ -33,7 +33,7 @@ from fedtune.core.config import (
 )
 
 __all__ = [
-    "ARRAYS", "CONFIG", "METRICS", "MASKS", "INFO", "QUERY_KIND", "IDENTIFY", "NODE_STATE_PRUNE",
+    "ARRAYS", "CONFIG", "METRICS", "MASKS", "MASK_STEPS", "INFO", "QUERY_KIND", "IDENTIFY", "NODE_STATE_PRUNE",
     "PruneSpec", "ClientSetup", "TrainerSettings", "client_setup", "TrainRequest", "TrainMetrics", "ReplyInfo", "NodeIdentity",
     "RoundKey", "ClientKey", "Status",
 ]
@@ -44,6 +44,7 @@ ARRAYS = "arrays"  # ArrayRecord: the adapter (request: projected global; reply:
 CONFIG = "config"  # ConfigRecord: the request, or an identify query / answer
 METRICS = "metrics"  # MetricRecord: TrainMetrics
 MASKS = "masks"  # ArrayRecord: the client's pruning masks after its round (fedtune.pruning.masks)
+MASK_STEPS = "mask_steps"  # ArrayRecord: per unit, the local step after which it was pruned (-1 kept)
 INFO = "info"  # ConfigRecord: ReplyInfo
 QUERY_KIND = "query"  # key of an identify query
 IDENTIFY = "identify"  # its value
@@ -68,9 +69,14 @@ class PruneSpec:
     @classmethod
     def from_config(cls, prune: PruneConfig, target: float, num_layers: int) -> PruneSpec:
         """A round's job at ``target`` from the experiment's ``[prune]`` settings, for a model of
-        ``num_layers`` layers."""
+        ``num_layers`` layers. With ``prune.skip_edge_layers`` the first and last layers join
+        ``prune.skip_layers`` (as in LoRAPrune), but only when the model has more than 2 layers:
+        with 1 or 2 layers that would leave nothing to prune, so there every layer stays prunable."""
+        skip = set(prune.skip_layers)
+        if prune.skip_edge_layers and num_layers > 2:
+            skip |= {0, num_layers - 1}
         return cls(target=target, interval=prune.interval, importance=prune.importance, ema=prune.ema,
-                   skip_layers=tuple(prune.skip_layers), recovery_steps=prune.recovery_steps)
+                   skip_layers=tuple(sorted(skip)), recovery_steps=prune.recovery_steps)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -189,7 +195,8 @@ class TrainMetrics:
     loss_end: float = math.nan  # mean loss of the last quarter
     rank: int = 0
     client_id: int = -1
-    prune_ratio: float | None = None  # sparsity the client reached (parameters), when it prunes
+    prune_ratio: float | None = None  # structural sparsity reached (fedtune.pruning.masks), when it prunes
+    param_sparsity: float | None = None  # fraction of the prunable weights' parameters removed
     process_s: float = math.nan  # age of the ClientApp process at its reply (deployment; NaN in Ray)
 
     def to_record(self) -> dict[str, float | int]:
@@ -203,7 +210,12 @@ class TrainMetrics:
         for key, value in dict(rec).items():
             if key not in known or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            values[key] = int(value) if known[key].type in ("int",) else float(value)
+            if known[key].type == "int":
+                if not math.isfinite(value):
+                    continue  # an unusable count keeps its default; the strategy bounds the rest
+                values[key] = int(value)
+            else:
+                values[key] = float(value)
         return cls(**values)
 
 
@@ -244,6 +256,8 @@ class RoundKey:
     WALL_TIME_S = "wall_time_s"  # wall-clock seconds since the run started
     EVAL_LOSS = "eval_loss"
     EVAL_TIME_S = "eval_time_s"
+    MASKED_EVAL_LOSS = "masked_eval_loss"  # mean over the devices whose masks were applied
+    MASKED_EVAL_CLIENTS = "masked_eval_clients"  # those devices' client ids ([] = none pruned yet)
     TRAIN_LOSS = "train_loss"  # example-weighted mean of the accepted clients' losses
     BYTES_UP = "bytes_up"
     BYTES_DOWN = "bytes_down"

@@ -125,15 +125,19 @@ class FleetSimulator:
         return None
 
     def cost(self, client_id: int, server_round: int, *, rank: int, masks: Masks | None, steps: int,
-             tokens: int, bytes_down: int, bytes_up: int) -> ClientCost:
+             tokens: int, bytes_down: int, bytes_up: int,
+             segments: list[tuple[int, Masks | None]] | None = None) -> ClientCost:
+        """One client-round's cost. ``segments`` (``[(steps, masks in force), ...]``, from the
+        client's pruning steps) charge each local step at the model it ran; without them every
+        step is charged at ``masks``. Peak memory is the largest segment's (the first: masks only grow)."""
         batch = self.work.batch_size
         seq = max(1, round(tokens / max(steps * batch, 1)))
-        shape = self.shape(masks)
-        flops = train_flops(shape, batch, seq, rank, None, causal_lm=self.work.task != "classification")
-        return client_round_cost(self.device(client_id), flops_per_step=flops, steps=steps, bytes_down=bytes_down,
-                                 bytes_up=bytes_up,
-                                 peak_bytes=self.peak_gb(shape, rank, batch, seq,
-                                                         self.quantization(client_id, rank, masks)) * 1e9,
+        causal = self.work.task != "classification"
+        parts = segments if segments else [(steps, masks)]
+        flops = sum(n * train_flops(self.shape(m), batch, seq, rank, None, causal_lm=causal) for n, m in parts)
+        peak = max(self.peak_gb(self.shape(m), rank, batch, seq, self.quantization(client_id, rank, m)) for _, m in parts)
+        return client_round_cost(self.device(client_id), flops_per_step=flops / max(steps, 1), steps=max(steps, 1),
+                                 bytes_down=bytes_down, bytes_up=bytes_up, peak_bytes=peak * 1e9,
                                  dtype=self.work.dtype, speed_factor=self.speed_factor(client_id, server_round))
 
 
@@ -149,11 +153,13 @@ class FleetClock:
     round_sim_s: dict[int, float] = field(default_factory=dict)
 
     def charge(self, client_id: int, server_round: int, *, rank: int, masks: Masks | None, steps: int, tokens: int,
-               bytes_down: int, bytes_up: int) -> tuple[dict[str, Any], str | None, str | None]:
+               bytes_down: int, bytes_up: int, segments: list[tuple[int, Masks | None]] | None = None,
+               ) -> tuple[dict[str, Any], str | None, str | None]:
         """The client-round's cost fields for its record, and (status, reason) when it ran out of
-        memory (failed) or missed the deadline (dropped); (None, None) when it survives."""
+        memory (failed) or missed the deadline (dropped); (None, None) when it survives. Each local
+        step is charged at the masks in force during it (``segments``) when the client reports them."""
         cost = self.fleet.cost(client_id, server_round, rank=rank, masks=masks, steps=steps, tokens=tokens,
-                               bytes_down=bytes_down, bytes_up=bytes_up)
+                               bytes_down=bytes_down, bytes_up=bytes_up, segments=segments)
         device = self.fleet.device(client_id).name
         fields = {ClientKey.DEVICE: device, ClientKey.SIM_SECONDS: round(cost.total_s, 3),
                   ClientKey.SIM_COMPUTE_S: round(cost.compute_s, 3), ClientKey.SIM_COMM_S: round(cost.comm_s, 3),

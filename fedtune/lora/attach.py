@@ -32,12 +32,17 @@ def default_target_modules(architecture: str, pruning: bool = False) -> list[str
 
 
 def attach_lora(base: BaseModel, rank: int, lora: LoraSettings, pruning: bool = False) -> Any:
-    """Inject fresh LoRA layers of ``rank`` into the cached base model (in place)."""
+    """Inject fresh LoRA layers of ``rank`` into the cached base model (in place).
+
+    Their scale is ``lora.alpha / rank``, or ``lora.alpha / sqrt(rank)`` with ``lora.rslora``
+    (rank-stabilised LoRA, peft's ``use_rslora``). :func:`load_factors` and :func:`read_factors`
+    divide out and fold in whichever scale the layer has, so factors stay comparable across both.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = list(lora.target_modules) or default_target_modules(base.architecture, pruning)
     peft_cfg = LoraConfig(r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                          bias="none")
+                          bias="none", use_rslora=bool(lora.rslora))
     try:
         return get_peft_model(base.model, peft_cfg)
     except ValueError as exc:

@@ -2,8 +2,9 @@
 
 The PEFT adapter holds the trainable global adapter and any frozen (FLoRA) part as one
 LoRA of rank ``R = r_adapter + r_frozen`` (concatenated factors: exact), with
-``lora_alpha = R`` so peft's scale is 1 and ``lora_B`` is fedtune's B. For classification
-the task head is saved as ``modules_to_save``. Load it with::
+``lora_alpha = R`` and ``use_rslora = False`` (whatever ``lora.rslora`` the clients trained
+with: their scale is already folded into fedtune's B) so peft's scale is 1 and ``lora_B`` is
+fedtune's B. For classification the task head is saved as ``modules_to_save``. Load it with::
 
     peft.PeftModel.from_pretrained(base_model, run_dir + "/adapter")
 """
@@ -41,8 +42,8 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
     head_modules = sorted({n.rsplit(".", 1)[0] for n in base.head_names})
     targets = list(cfg.lora.target_modules) or default_target_modules(base.architecture, cfg.prunes)
     task = TaskType.SEQ_CLS if cfg.model.task == "classification" else TaskType.CAUSAL_LM
-    peft_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type=task,
-                          modules_to_save=head_modules or None)
+    peft_cfg = LoraConfig(r=rank, lora_alpha=rank, use_rslora=False, target_modules=targets, task_type=task,
+                          modules_to_save=head_modules or None)  # scale 1: B is fedtune's B
     peft_model = get_peft_model(base.model, peft_cfg)
     load_factors(peft_model, factors)
     if state.head:

@@ -3,9 +3,13 @@
 Convention used everywhere in fedtune: an adapter for one linear module is a pair of
 factors ``(A, B)`` with ``A`` of shape ``(r, in)`` and ``B`` of shape ``(out, r)``, and
 the weight update it stands for is ``delta_W = B @ A`` (shape ``(out, in)``). The LoRA
-scale ``s = alpha / r`` of the peft layer a client trains is *folded into B* when an
-adapter leaves the client (``B_sent = s * B_peft``) and divided out when it is loaded,
-so adapters of different ranks and alphas compare and combine directly.
+scale ``s = alpha / r`` (``alpha / sqrt(r)`` with ``lora.rslora``) of the peft layer a client
+trains is *folded into B* when an adapter leaves the client (``B_sent = s * B_peft``) and
+divided out when it is loaded, so adapters of different ranks, alphas and scalings compare
+and combine directly.
+
+Under structured pruning every rule averages each coordinate over the clients that still
+hold it, with its own weights (:func:`holder_weights`).
 
 No function here builds the dense ``out x in`` matrix except the ``dense_*`` helpers,
 which exist for tests and small references.
@@ -18,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Factors", "GlobalAdapter", "ClientUpdate", "adapter_rank", "dense_delta", "pad_factors", "truncate_factors", "stack_factors", "lowrank_svd", "init_factors", "is_finite_adapter", "scale_for_holders"]
+__all__ = ["Factors", "GlobalAdapter", "ClientUpdate", "adapter_rank", "dense_delta", "pad_factors", "truncate_factors", "stack_factors", "lowrank_svd", "init_factors", "is_finite_adapter",
+           "HolderWeights", "holder_weights"]
 
 
 # module name -> (A (r x in), B (out x r))
@@ -160,47 +165,78 @@ def init_factors(
     return out
 
 
-def scale_for_holders(updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    """Mask-aware aggregation: each coordinate is averaged only over the clients holding it.
+@dataclass(frozen=True)
+class HolderWeights:
+    """The weights of a masked weighted mean for one module: every coordinate of the aggregate is a
+    rule's own weighted mean over the clients that still hold it.
 
-    For a module whose rows (q/k/v/up/gate) or columns (o/down) some clients pruned, let
-    ``c = sum_k p_k keep_k`` (``p_k = n_k / sum n``) per row or column. Every client's B rows
-    (or A columns) are zeroed where pruned and divided by ``c``, so any weighted sum
-    ``sum_k p_k X_k`` an aggregation rule forms (of B, or of the products B A) becomes
-    ``sum_k p_k keep_k X_k / c``: the average over the holders. Coordinates no client holds
-    stay zero. Updates without pruning information are returned unchanged.
+    ``axis`` says which coordinates clients pruned: ``"rows"`` (B's rows: q/k/v/up/gate),
+    ``"cols"`` (A's columns: o/down) or None (nobody pruned the module). ``plain[k]`` is client k's
+    weight normalised over all clients; ``coords[k]`` (a vector over ``axis``; empty when ``axis`` is
+    None) is ``w_k keep_k[i] / sum_l w_l keep_l[i]``: it sums to 1 over the clients wherever some
+    client holds coordinate i and is 0 where nobody does.
     """
-    if not any(u.keep for u in updates):
-        return updates
-    total = float(sum(u.num_examples for u in updates))
-    modules = {m for u in updates for m in u.keep}
-    coverage: dict[str, torch.Tensor] = {}
-    how: dict[str, str] = {}
-    for m in modules:
-        for u in updates:
-            if m in u.keep:
-                how[m], size = u.keep[m][0], u.keep[m][1].numel()
-                break
-        c = torch.zeros(size)
-        for u in updates:
-            keep = u.keep[m][1] if m in u.keep else torch.ones(size, dtype=torch.bool)
-            c += (u.num_examples / total) * keep.float()
-        coverage[m] = c
-    out = []
-    for u in updates:
-        factors = dict(u.factors)
-        for m, c in coverage.items():
-            a, b = factors[m]
-            keep = u.keep[m][1].float() if m in u.keep else torch.ones_like(c)
-            factor = torch.where(c > 0, keep / c.clamp_min(1e-12), torch.zeros_like(c))
-            if how[m] == "rows":
-                factors[m] = (a, b * factor[:, None])
+
+    axis: str | None
+    plain: list[float]
+    coords: list[torch.Tensor]
+
+    def a_weight(self, k: int, like: torch.Tensor) -> torch.Tensor | float:
+        """Client k's weight, broadcastable to its A ``(r, in)``."""
+        return self.coords[k].to(like.dtype)[None, :] if self.axis == "cols" else self.plain[k]
+
+    def b_weight(self, k: int, like: torch.Tensor) -> torch.Tensor | float:
+        """Client k's weight, broadcastable to its B ``(out, r)``."""
+        return self.coords[k].to(like.dtype)[:, None] if self.axis == "rows" else self.plain[k]
+
+    def mean_factors(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factor-wise masked mean (FedIT, HetLoRA): A's columns and B's rows over their holders."""
+        a = sum(self.a_weight(k, a_k) * a_k for k, (a_k, _) in enumerate(parts))
+        b = sum(self.b_weight(k, b_k) * b_k for k, (_, b_k) in enumerate(parts))
+        return a, b  # type: ignore[return-value]
+
+    def product_parts(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Weighted factors whose products sum to the masked mean of the clients' products ``B_k A_k``
+        (FlexLoRA, FLoRA): the weights go onto B's rows or A's columns, or onto B when nobody pruned."""
+        out = []
+        for k, (a_k, b_k) in enumerate(parts):
+            if self.axis == "cols":
+                out.append((a_k * self.a_weight(k, a_k), b_k))
             else:
-                factors[m] = (a * factor[None, :], b)
-        out.append(ClientUpdate(client_id=u.client_id, rank=u.rank, factors=factors, head=u.head,
-                                num_examples=u.num_examples, train_loss=u.train_loss, metrics=u.metrics,
-                                keep=u.keep))
-    return out
+                out.append((a_k, b_k * self.b_weight(k, b_k)))
+        return out
+
+
+def holder_weights(updates: list[ClientUpdate], module: str, weights: list[float]) -> HolderWeights:
+    """The masked weighted mean of ``module`` over ``updates`` with a rule's own (unnormalised)
+    per-client ``weights`` (example counts, HetLoRA's norms, ...).
+
+    A client without pruning information for ``module`` holds all of it. Where the holders of a
+    coordinate all have weight 0 (or all weights are 0), they are averaged uniformly.
+    """
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if w.numel() != len(updates):
+        raise ValueError(f"holder_weights: {w.numel()} weights for {len(updates)} updates")
+    total = float(w.sum())
+    plain = (w / total).tolist() if total > 0 else [1.0 / len(updates)] * len(updates)
+    pruned = [u.keep[module] for u in updates if module in u.keep]
+    if not pruned:
+        return HolderWeights(None, plain, [])
+    axes = {how for how, _ in pruned}
+    if len(axes) != 1 or not axes <= {"rows", "cols"}:
+        raise ValueError(f"{module}: clients pruned it along {sorted(axes)}; expected one of 'rows' or 'cols'")
+    axis = axes.pop()
+    size = pruned[0][1].numel()
+    keep = torch.stack([
+        u.keep[module][1].reshape(-1).to(torch.float64) if module in u.keep else torch.ones(size, dtype=torch.float64)
+        for u in updates
+    ])  # (K, size)
+    weighted = w[:, None] * keep
+    cover = weighted.sum(0)
+    count = keep.sum(0)
+    q = torch.where(cover > 0, weighted / cover.clamp_min(1e-300),
+                    torch.where(count > 0, keep / count.clamp_min(1.0), torch.zeros_like(keep)))
+    return HolderWeights(axis, plain, list(q.unbind(0)))
 
 
 def is_finite_adapter(factors: Factors, head: dict[str, torch.Tensor] | None = None) -> str | None:

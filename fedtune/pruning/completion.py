@@ -30,11 +30,12 @@ from typing import Any, Callable
 import torch
 
 from fedtune.core.metric import metric_for_task
+from fedtune.core.protocol import PruneSpec
 from fedtune.data.batching import collate
 from fedtune.lora.factors import GlobalAdapter
 from fedtune.models.loading import float_weight
 from fedtune.pruning.importance import prune_step, unit_scores, units_to_prune
-from fedtune.pruning.prune_and_tune import unit_ratio
+from fedtune.pruning.masks import structural_sparsity
 from fedtune.pruning.slicing import slice_model
 from fedtune.pruning.structure import LayerStructure, Masks, apply_masks
 
@@ -133,9 +134,8 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
                       calibration_for: Callable[[int], Any] | None = None, calibration_examples: int = 32) -> dict[str, Any]:
     """Complete every device's masks to ``target`` and measure a few deployed models (module docstring).
     ``calibration_for(client_id)``: the device's own tokenized data (its first examples calibrate)."""
-
-    skip = frozenset(cfg.prune.skip_layers)
-    trained = {cid: unit_ratio(m) for cid, m in client_masks.items()}
+    skip = frozenset(PruneSpec.from_config(cfg.prune, target, len(structure)).skip_layers)  # as in training
+    trained = {cid: structural_sparsity(m, skip) for cid, m in client_masks.items()}
 
     def inputs(data: Any, n: int) -> dict[str, torch.Tensor]:
         """The model inputs of ``data``'s first ``n`` examples (no labels), on the model's device."""
@@ -166,7 +166,7 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
     dense_params = sum(p.numel() for p in base.model.parameters())
     for cid in picked:
         row: dict[str, Any] = {"client_id": cid, "device": classes.get(cid), "trained_sparsity": round(trained[cid], 4),
-                               "deployed_sparsity": round(unit_ratio(deployed[cid]), 4)}
+                               "deployed_sparsity": round(structural_sparsity(deployed[cid], skip), 4)}
         row.update(evaluate(payload_for(cid), deployed[cid]))
         if sliceable:
             model = slice_model(copy.deepcopy(base.model), structure, deployed[cid])
@@ -186,7 +186,7 @@ def deployment_report(base: Any, cfg: Any, state: GlobalAdapter, structure: list
         "target_sparsity": target, "devices": len(deployed),
         "criterion": "wanda (device data)" if calibration_for is not None else "magnitude",
         "trained_sparsity": round(sum(trained.values()) / max(len(trained), 1), 4),
-        "deployed_sparsity": round(sum(unit_ratio(m) for m in deployed.values()) / max(len(deployed), 1), 4),
+        "deployed_sparsity": round(sum(structural_sparsity(m, skip) for m in deployed.values()) / max(len(deployed), 1), 4),
         "metric": metric, metric: mean(metric, measured), "eval_loss": mean("eval_loss", measured),
         "params": mean("params", measured), "dense_params": dense_params, "size_mb": mean("size_mb", measured),
         "latency_ms": mean("latency_ms", measured), "dense_latency_ms": round(dense_ms, 3) if dense_ms else None,

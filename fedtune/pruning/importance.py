@@ -4,7 +4,8 @@ LoRAPrune (Zhang et al., arXiv 2305.18403), as used by FedSpine (arXiv 2501.0243
 of a frozen weight ``W`` with adapter ``s B A`` is ``|G * (W + s B A)|`` (elementwise), where
 ``G = (dL/dB) A + B (dL/dA) - (dL/dB)(dL/dA)`` approximates ``dL/dW`` from the adapter's gradients
 only. Scores are summed over structure groups (:mod:`fedtune.pruning.structure`), normalised per
-module, smoothed by an EMA, and the lowest groups are pruned toward the target on a cubic schedule.
+module (L2 norm, as in the reference implementation), smoothed by an EMA that starts from zero, and
+the lowest groups are pruned toward the target on a cubic schedule.
 """
 
 from __future__ import annotations
@@ -46,16 +47,16 @@ def _reduce(score: torch.Tensor, how: str, per_unit: int) -> torch.Tensor:
 
 
 def normalise(v: torch.Tensor) -> torch.Tensor:
-    """Per-module normalisation: divide by the module's mean group score."""
-    mean = v.mean()
-    return v / mean if float(mean) > 0 else v
+    """Per-module normalisation as in LoRAPrune: divide the module's group scores by their L2 norm
+    (plus 1e-8, so an all-zero module stays zero)."""
+    return v / (torch.linalg.vector_norm(v) + 1e-8)
 
 
 def unit_scores(structure: list[LayerStructure], weights: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     """Per-unit importance from per-weight importance matrices ``weights[module] (out, in)``.
 
-    Each module's unit totals are normalised per module, then summed over the group's
-    modules. Modules missing from ``weights`` contribute nothing.
+    Each module's unit totals are divided by their L2 norm (:func:`normalise`), then summed over
+    the group's modules. Modules missing from ``weights`` contribute nothing.
     """
     out: dict[int, dict[str, torch.Tensor]] = {}
     for ls in structure:

@@ -39,9 +39,10 @@ def event_steps(total_steps: int, interval: int, recovery_steps: int = 0) -> lis
     return list(range(interval, last + 1, interval)) or [last]
 
 
-def unit_ratio(masks: Masks) -> float:
-    """Mean fraction of pruned units per layer and kind."""
-    vals = [1.0 - float(t.float().mean()) for m in masks.values() for t in m.values()]
+def unit_ratio(masks: Masks, skip_layers: frozenset[int] | set[int] | tuple[int, ...] = ()) -> float:
+    """Mean fraction of pruned units per layer and kind (``skip_layers``, never pruned, left out)."""
+    vals = [1.0 - float(t.float().mean()) for layer, m in masks.items() if layer not in skip_layers
+            for t in m.values()]
     return sum(vals) / len(vals) if vals else 0.0
 
 
@@ -52,7 +53,7 @@ class PruneAndTune:
         self.model, self.layers, self.structure, self.spec = model, lora_layers, structure, spec
         self.masks = masks if masks is not None else full_masks(structure)
         self.scores = scores
-        self.start = unit_ratio(self.masks)
+        self.start = unit_ratio(self.masks, spec.skip_layers)  # of the prunable layers: where the schedule starts
         events = event_steps(total_steps, spec.interval, spec.recovery_steps)
         if self.start >= spec.target:
             events = []
@@ -96,19 +97,23 @@ class PruneAndTune:
         return out
 
     def observe(self) -> None:
-        """After ``loss.backward()``: update the EMA of group importance."""
+        """After ``loss.backward()``: update the EMA of group importance. As in LoRAPrune, the
+        average starts from zero (the first observation weighs ``1 - ema``, not 1); a later round
+        continues from the scores it was given."""
         if not self.num_events:
             return
         if self.spec.importance in ("magnitude", "random") and self.scores is not None:
             return  # static criteria: computed once
         current = {layer: {k: v.cpu() for k, v in m.items()}  # small per-unit vectors live on the CPU
                    for layer, m in unit_scores(self.structure, self._weight_importance()).items()}
-        if self.scores is None:
+        if self.spec.importance in ("magnitude", "random"):
             self.scores = current
-        else:
-            e = self.spec.ema
-            self.scores = {layer: {k: e * self.scores[layer][k] + (1 - e) * v for k, v in m.items()}
-                           for layer, m in current.items()}
+            return
+        e = self.spec.ema
+        prev = self.scores or {}
+        self.scores = {layer: {k: e * prev[layer][k] + (1 - e) * v if layer in prev else (1 - e) * v
+                               for k, v in m.items()}
+                       for layer, m in current.items()}
         if self.spec.importance == "taylor":
             for path in self.prunable & set(self.layers):
                 self.layers[path].base_layer.weight.grad = None

@@ -8,7 +8,7 @@ Written to the output directory:
 - ``table.md``: per setting, per method: simulated time to the target metric, speed-up over the
   best other method, final metric of the global adapter, metric / CPU latency / size of the
   deployed pruned models, bytes sent, peak client memory, sparsity (trained -> deployed);
-- ``summary.json``: the same numbers (``time_to_target_s``, ``final_accuracy`` or
+- ``summary.json``: the same numbers (``time_to_target_s``, ``final_accuracy``, ``final_masked_accuracy`` or
   ``final_perplexity``, ``speedup_vs_best_baseline``, ...), per seed as well;
 - per setting: ``<setting>-accuracy.png`` (metric against simulated time), ``<setting>-arms.png``
   (rank and pruning step chosen per device class over rounds, FedSpine's first seed),
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.core.metric import metric_named, metric_of_records, time_to_target
+from fedtune.core.metric import masked, metric_named, metric_of_records, time_to_target
 from fedtune.round.outputs import read_metrics
 
 __all__ = ["run_stats", "find_runs", "report"]
@@ -55,13 +55,17 @@ def _metric(records: list[dict[str, Any]]) -> str:
     return metric_of_records(records).key
 
 
-def run_stats(run_dir: Path, target: float | None = None) -> dict[str, Any]:
-    """One run's figures; ``target`` overrides the one in its ``experiment.json``."""
+def run_stats(run_dir: Path, target: float | None = None, prefer_masked: bool = True) -> dict[str, Any]:
+    """One run's figures; ``target`` overrides the one in its ``experiment.json``. Times to target,
+    final and best values read the masked metric (the global adapter under devices' pruning masks)
+    when the run recorded it and ``prefer_masked``, else the unmasked one."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     info = json.loads((run_dir / "experiment.json").read_text()) if (run_dir / "experiment.json").is_file() else {}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    metric = info.get("metric") or _metric(records)
+    base_metric = info.get("metric") or _metric(records)
+    shown = masked(metric_named(base_metric))
+    metric = shown.key if prefer_masked and any(r.get(shown.key) is not None for r in records) else base_metric
     if target is None:
         target = info.get("target") or None
     evals = [r for r in records if r.get(metric) is not None]
@@ -92,7 +96,7 @@ def run_stats(run_dir: Path, target: float | None = None) -> dict[str, Any]:
         "mean_rank": statistics.fmean(c.get("rank", 0) for c in ok) if ok else None,
         "failed_client_rounds": sum(c.get("status") != "ok" for r in records for c in r.get("clients", [])),
         "trained_sparsity": dep.get("trained_sparsity"), "deployed_sparsity": dep.get("deployed_sparsity"),
-        "deployed_metric": dep.get(metric), "latency_ms": dep.get("latency_ms"),
+        "deployed_metric": dep.get(base_metric), "latency_ms": dep.get("latency_ms"),
         "dense_latency_ms": dep.get("dense_latency_ms"), "size_mb": dep.get("size_mb"),
         "records": records,  # every round's record, for times to other targets
         "curve": [(r.get("sim_time_s", float(r["round"])), r[metric]) for r in evals],
@@ -282,7 +286,7 @@ def _compare_methods(methods: dict[str, dict[str, Any]], metric: str) -> None:
         if finals and m["final"]["mean"] is not None:
             best = metric_named(metric).best(finals)
             m["final_vs_best_baseline"] = round(m["final"]["mean"] - best, 4)
-    key = f"final_{metric_named(metric).short}"
+    key = f"final_{metric_named(metric).slug}"
     for m in methods.values():
         m[key] = m["final"]["mean"]
         m["time_to_target_s"] = m["time_to_target"]["mean"]  # mean over the seeds that reached it
@@ -298,7 +302,7 @@ def _setting_markdown(setting: str, title: str, methods: dict[str, dict[str, Any
     if fs:
         sp, fv = fs["speedup_vs_best_baseline"], fs.get("final_vs_best_baseline")
         fast = bool(sp and sp >= 1.4 and not fs["speedup_is_lower_bound"])
-        close = metric != "eval_accuracy" or (fv is not None and fv >= -0.005)
+        close = not metric_named(metric).higher_is_better or (fv is not None and fv >= -0.005)
         verdict = "FedSpine's goal (>= 1.4x, final accuracy within 0.5 points) is " + (
             "met." if fast and close else "NOT met.")
         md += [f"FedSpine: speed-up vs the best other method {'n/a' if sp is None else f'{sp:.2f}x'}"
@@ -330,10 +334,10 @@ def _setting(setting: str, srs: list[dict[str, Any]], target: float | None, out_
 
 
 def report(paths: list[Path], out_dir: Path, *, target: float | None = None, command: str = "",
-           machine: str = "") -> Path:
+           machine: str = "", prefer_masked: bool = True) -> Path:
     """Write ``table.md``, ``summary.json`` and the PNGs for the runs under ``paths`` to ``out_dir``."""
     out_dir = Path(out_dir)
-    runs = [run_stats(p, target) for p in find_runs(paths)]
+    runs = [run_stats(p, target, prefer_masked) for p in find_runs(paths)]
     if not runs:
         raise FileNotFoundError(f"fedtune report: no runs under {', '.join(map(str, paths))}")
     out_dir.mkdir(parents=True, exist_ok=True)

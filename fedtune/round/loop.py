@@ -25,7 +25,8 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from fedtune.core.config import ExperimentConfig, config_to_toml
-from fedtune.core.protocol import RoundKey
+from fedtune.core.metric import masked, metric_for_task
+from fedtune.core.protocol import ClientKey, RoundKey
 from fedtune.data.batching import Tokenized, tokenize
 from fedtune.data.partition import FederatedData, cached_federated_data
 from fedtune.fleet.clock import FleetSimulator
@@ -112,6 +113,27 @@ def restore(run: ServerRun, resume: bool) -> tuple[GlobalAdapter, int]:
     return state, start_round
 
 
+def masked_evaluation(run: ServerRun, state: GlobalAdapter, rec: dict[str, Any], sampled: list[int]) -> dict[str, Any]:
+    """The round's metric under devices' pruning masks (``federation.masked_eval_*``): the mean over
+    the panel, or over the first sampled devices that have masks; a device without masks counts at
+    the unmasked value (it deploys the dense model). Empty when clients do not prune."""
+    fc = run.cfg.federation
+    if not run.cfg.prunes or not (fc.masked_eval_clients or fc.masked_eval_panel):
+        return {}
+    masks_by_client = run.strategy.client_masks
+    ids = list(fc.masked_eval_panel) or [c for c in sorted(sampled) if c in masks_by_client][:fc.masked_eval_clients]
+    metric = metric_for_task(run.cfg.model.task)
+    values, losses = [], []
+    for cid in ids:
+        scores = run.evaluate(state, masks_by_client[cid]) if cid in masks_by_client else rec
+        values.append(scores[metric.key])
+        losses.append(scores[RoundKey.EVAL_LOSS])
+    if not ids:
+        values, losses = [rec[metric.key]], [rec[RoundKey.EVAL_LOSS]]
+    return {masked(metric).key: sum(values) / len(values), RoundKey.MASKED_EVAL_LOSS: sum(losses) / len(losses),
+            RoundKey.MASKED_EVAL_CLIENTS: ids}
+
+
 def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) -> GlobalAdapter:
     """Rounds ``start_round + 1 .. num_rounds``: one metrics line and one checkpoint each."""
     cfg, strategy = run.cfg, run.strategy
@@ -123,6 +145,7 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
     if start_round == 0:
         rec = {RoundKey.ROUND: 0, RoundKey.WALL_TIME_S: 0.0, **run.evaluate(state), RoundKey.BYTES_UP: 0,
                RoundKey.BYTES_DOWN: 0, RoundKey.CLIENTS: []}
+        rec.update(masked_evaluation(run, state, rec, []))
         if run.fleet is not None:
             rec[RoundKey.SIM_TIME_S] = 0.0
         rec[RoundKey.WALL_TIME_S] = run.elapsed()
@@ -140,6 +163,7 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
         rec = {RoundKey.ROUND: rnd, RoundKey.WALL_TIME_S: 0.0}
         if rnd % cfg.federation.evaluate_every == 0 or rnd == num_rounds:
             rec.update(run.evaluate(state))
+            rec.update(masked_evaluation(run, state, rec, [c[ClientKey.CLIENT_ID] for c in result.clients]))
         rec.update({RoundKey.TRAIN_LOSS: result.train_loss, RoundKey.BYTES_UP: result.bytes_up,
                     RoundKey.BYTES_DOWN: result.bytes_down, RoundKey.CLIENTS: result.clients})
         if run.fleet is not None:
@@ -159,8 +183,8 @@ def _deploy_devices(run: ServerRun, state: GlobalAdapter) -> tuple[dict[str, Any
     masks_by_client = strategy.client_masks
 
     def payload_for(cid: int) -> GlobalAdapter:
-        """What client ``cid`` deploys: the global adapter at its last round's rank."""
-        return strategy.client_payload(state, cid, strategy.rank_for(cid, cfg.federation.num_rounds))
+        """What client ``cid`` deploys: the global adapter at the rank it last trained at."""
+        return strategy.client_payload(state, cid, strategy.deploy_rank(cid))
 
     client_models: dict[str, Any] = {}
     if cfg.prunes and cfg.prune.export_client_models and masks_by_client:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtune.core.metric import metric_of_records
+from fedtune.core.metric import masked, metric_of_records
 
 __all__ = ["MetricsWriter", "read_metrics", "summarize", "plot_metrics", "format_progress"]
 
@@ -59,6 +59,10 @@ def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         "client_rounds_ok": sum(sum(c["status"] == "ok" for c in r.get("clients", [])) for r in records),
         "client_rounds_failed": sum(sum(c["status"] != "ok" for c in r.get("clients", [])) for r in records),
     }
+    masked_key = masked(metric_of_records([first])).key
+    masked_evals = [r for r in records if r.get(masked_key) is not None]
+    if masked_evals:
+        out[f"final_{masked_key}"] = masked_evals[-1][masked_key]
     if metric == "eval_accuracy" and evals:
         out["best_eval_accuracy"] = max(r[metric] for r in evals)
         out["accuracy_gain"] = out[f"final_{metric}"] - out[f"initial_{metric}"]

@@ -27,6 +27,7 @@ from fedtune.lora.attach import (
 )
 from fedtune.lora.factors import Factors, GlobalAdapter, adapter_rank
 from fedtune.models.loading import BaseModel
+from fedtune.pruning.masks import structural_sparsity
 from fedtune.pruning.prune_and_tune import PruneAndTune
 from fedtune.pruning.structure import Masks, apply_masks, model_structure, sparsity
 from fedtune.training.loss import chunked_causal_lm_loss
@@ -47,7 +48,10 @@ class LocalResult:
     loss_end: float = float("nan")  # mean loss of the last quarter
     masks: Masks | None = None  # pruning masks after this round (True = kept)
     scores: dict[int, dict[str, torch.Tensor]] | None = None  # EMA group importance
-    sparsity: float = 0.0  # fraction of prunable parameters removed
+    # per unit: the local step after which it was pruned (-1 kept, 0 before this round), int32
+    pruned_at: Masks | None = None
+    sparsity: float = 0.0  # structural sparsity reached (fedtune.pruning.masks.structural_sparsity)
+    param_sparsity: float = 0.0  # fraction of the prunable weights' parameters removed
 
 
 def _prepare(base: BaseModel, state: GlobalAdapter, rank: int, cfg: TrainerSettings) -> tuple[Any, list[Any]]:
@@ -108,8 +112,10 @@ def _loss(peft_model: Any, base: BaseModel, batch: dict[str, torch.Tensor], cfg:
 
 
 def _run_steps(peft_model: Any, base: BaseModel, data: Tokenized, cfg: TrainerSettings, opt: torch.optim.Optimizer,
-               pruner: PruneAndTune | None, n_steps: int, seed: int) -> tuple[list[float], int, float]:
-    """The local optimizer steps; returns (per-step losses, tokens processed, wall seconds)."""
+               pruner: PruneAndTune | None, n_steps: int, seed: int,
+               pruned_at: Masks | None = None) -> tuple[list[float], int, float]:
+    """The local optimizer steps; returns (per-step losses, tokens processed, wall seconds). With a
+    pruner, ``pruned_at`` (-1 = kept) records the step after which each unit was pruned."""
     log_prior = None
     if base.config.task == "classification" and cfg.train.logit_adjustment > 0:
         log_prior = cfg.train.logit_adjustment * label_log_prior(data.labels or [], base.config.num_labels)
@@ -132,6 +138,8 @@ def _run_steps(peft_model: Any, base: BaseModel, data: Tokenized, cfg: TrainerSe
             opt.step()
             if pruner is not None:
                 pruner.after_step(step)
+                if pruned_at is not None:
+                    _record_pruning(pruned_at, pruner.masks, step)
             losses.append(float(loss.detach()))
     return losses, tokens, time.perf_counter() - t0
 
@@ -166,7 +174,11 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             inner.enable_input_require_grads()
         peft_model.train()
-        losses, tokens, elapsed = _run_steps(peft_model, base, data, cfg, opt, pruner, n_steps, seed)
+        pruned_at = None
+        if pruner is not None:
+            pruned_at = {layer: {k: torch.where(t, -1, 0).to(torch.int32) for k, t in m.items()}
+                         for layer, m in pruner.masks.items()}
+        losses, tokens, elapsed = _run_steps(peft_model, base, data, cfg, opt, pruner, n_steps, seed, pruned_at)
         factors = read_factors(peft_model)
         head = {n: p.detach().float().cpu().clone() for n, p in inner.named_parameters() if n in base.head_names}
     finally:
@@ -181,9 +193,18 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
                          train_time_s=elapsed, steps=len(losses), tokens=tokens,
                          loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k)
     if pruner is not None:
-        result.masks, result.scores = pruner.masks, pruner.scores
-        result.sparsity = sparsity(pruner.structure, pruner.masks, base.model.config.hidden_size)
+        result.masks, result.scores, result.pruned_at = pruner.masks, pruner.scores, pruned_at
+        result.sparsity = structural_sparsity(pruner.masks, pruner.spec.skip_layers)
+        result.param_sparsity = sparsity(pruner.structure, pruner.masks, base.model.config.hidden_size)
     return result
+
+
+def _record_pruning(pruned_at: Masks, masks: Masks, step: int) -> None:
+    """Mark the units ``masks`` removed since the last step as pruned after ``step``."""
+    for layer, m in masks.items():
+        for kind, keep in m.items():
+            at = pruned_at[layer][kind]
+            at[(~keep) & (at < 0)] = step
 
 
 @torch.no_grad()

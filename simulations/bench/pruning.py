@@ -5,7 +5,9 @@ for each importance method and target sparsity (30%, 50% of each layer's heads a
 channels), prune-and-tune for ``--prune-steps`` (a pruning event every 20 steps on a
 cubic schedule), then recover for ``--recover-steps`` with the masks fixed, and report the
 held-out accuracy; every run takes the same number of optimizer steps as the unpruned
-LoRA baseline. The pruned model is then exported (adapter merged, heads and channels
+LoRA baseline. The pruning job comes from the ``[prune]`` settings (``PruneSpec.from_config``):
+by default the first and last layers are skipped (``--set prune.skip_edge_layers=false`` prunes
+them too). The pruned model is then exported (adapter merged, heads and channels
 removed) and its CPU inference time measured against the unpruned merged model,
 interleaved, single-threaded, batch 32 x 64 tokens.
 
@@ -20,6 +22,7 @@ fine-tuned model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,6 +66,7 @@ def run_one(model: str, method: str | None, target: float, prune_steps: int, rec
     from fedtune.data.partition import cached_federated_data
     from fedtune.lora.factors import GlobalAdapter
     from fedtune.models.loading import cached_base_model
+    from fedtune.pruning.structure import model_structure
     from fedtune.training.local import (
         evaluate_global,
         head_state,
@@ -89,7 +93,10 @@ def run_one(model: str, method: str | None, target: float, prune_steps: int, rec
         state = GlobalAdapter(adapter=res.factors, head=res.head)
         masks = None
     else:
-        spec = PruneSpec(target=target, interval=20, importance=method)
+        # the server's job for this target from the [prune] settings (interval 20, ema, skip_edge_layers, ...)
+        num_layers = len(model_structure(base.model))
+        spec = dataclasses.replace(PruneSpec.from_config(cfg.prune, target, num_layers), importance=method)
+        out["skip_layers"] = list(spec.skip_layers)
         res = train_local(base, state, 8, train, cfg, seed=1, prune=spec, steps=prune_steps)
         state = GlobalAdapter(adapter=res.factors, head=res.head)
         out["after_pruning"] = evaluate_global(base, state, ev, cfg, masks=res.masks)
@@ -132,6 +139,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--set", dest="extra", action="append", default=[])
+    ap.add_argument("--before", type=Path, help="an earlier results file, kept under \"before\" with the change "
+                    "of each figure under \"effect\" (before -> after)")
     args = ap.parse_args()
 
     from fedtune.pruning.export import export_pruned_model, load_pruned_model
@@ -180,6 +189,7 @@ def main() -> None:
                 "inference_time_ratio": round(ratio, 4),
                 "inference_ms": {"unpruned": round(1000 * t_ref, 2), "pruned": round(1000 * t_pruned, 2)},
             }
+            entry["skip_layers"] = run["skip_layers"]
             if not args.smollm2:
                 entry["accuracy"] = entry.pop(metric)
                 entry["accuracy_before_recovery"] = entry.pop(f"{metric}_before_recovery")
@@ -192,6 +202,17 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "wall_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d"),
     })
+    if args.before is not None:
+        result["before"] = before = json.loads(args.before.read_text())
+        before.pop("before", None), before.pop("effect", None)
+        keys = ("accuracy", "accuracy_before_recovery", metric, f"{metric}_before_recovery", "sparsity",
+                "param_ratio", "inference_time_ratio")
+        effect: dict[str, Any] = {"unpruned": [before.get("unpruned"), result["unpruned"]]}
+        for method, entries in result.items():
+            if isinstance(entries, dict) and method in before and method != "unpruned":
+                effect[method] = {t: {k: [before[method][t][k], e[k]] for k in keys if k in e and k in before[method][t]}
+                                  for t, e in entries.items() if t in before[method]}
+        result["effect"] = effect
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -38,3 +38,50 @@ def masked_logits(base, state, rank, cfg, masks, ids):
         for h in mask_handles:
             h.remove()
         _release(peft_model, base, handles, own)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's runtime sets the task identity that Message() reads; outside it, tests do."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def mock_reply(node, content=None, error=None):
+    """A reply Message from ``node`` as a strategy sees it (no network)."""
+    from unittest.mock import Mock
+
+    from flwr.app import Message
+
+    msg = Mock(spec=Message)
+    msg.metadata.src_node_id = node
+    msg.has_error.return_value = error is not None
+    msg.error.reason = error
+    msg.content = content
+    return msg
+
+
+class FakeGrid:
+    """Nodes 100+i hold client i and answer identify queries; train messages are recorded in ``sent``."""
+
+    def __init__(self, n):
+        self.nodes = [100 + i for i in range(n)]
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, MessageType, RecordDict
+
+        from fedtune.core.protocol import CONFIG, NodeIdentity
+
+        messages = list(messages)
+        self.sent.append(messages)
+        return [mock_reply(m.metadata.dst_node_id,
+                           RecordDict({CONFIG: ConfigRecord(NodeIdentity(m.metadata.dst_node_id - 100).to_config())}))
+                for m in messages if m.metadata.message_type == MessageType.QUERY]

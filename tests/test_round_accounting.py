@@ -5,15 +5,12 @@ client-reported figures are bounded before the clock and the bandit see them."""
 
 import json
 import math
-from unittest.mock import Mock
 
 import pytest
 import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
-    Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -29,6 +26,7 @@ from fedtune.pruning.masks import masks_to_tensors
 from fedtune.pruning.structure import full_masks, model_structure
 from fedtune.training.local import head_state, lora_shapes, train_local
 from strategies import FedSpine, HetLoRA
+from tests.conftest import FakeGrid, mock_reply
 
 TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]},
         "data": {"partitioner": "iid", "eval_size": 32, "max_examples": 200},
@@ -37,38 +35,7 @@ TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]}
         "fleet": {"devices": {"raspberry-pi-5": 2}, "simulate_availability": False}}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class Grid:
-    def __init__(self, n):
-        self.nodes = [100 + i for i in range(n)]
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            if m.metadata.message_type == MessageType.QUERY:
-                node = m.metadata.dst_node_id
-                out.append(_reply(node, RecordDict({"config": ConfigRecord({"client_id": node - 100})})))
-        return out
-
-
-def _reply(node, content):
-    msg = Mock(spec=Message)
-    msg.metadata.src_node_id = node
-    msg.has_error.return_value = False
-    msg.content = content
-    return msg
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _fleet_strategy(cls=HetLoRA, **overrides):
@@ -78,11 +45,11 @@ def _fleet_strategy(cls=HetLoRA, **overrides):
     fleet = FleetSimulator.from_config(cfg, base.model, structure)
     strat = cls(cfg, structure=structure, fleet=fleet)
     state = strat.initial_state(lora_shapes(base, cfg), head_state(base))
-    list(strat.configure_train(1, state_to_record(state), ConfigRecord(), Grid(2)))
+    list(strat.configure_train(1, state_to_record(state), ConfigRecord(), FakeGrid(2)))
     return cfg, strat, state, structure, fleet
 
 
-def _pruned_reply(strat, state, structure, client, rank, steps_at, metrics):
+def _prunedmock_reply(strat, state, structure, client, rank, steps_at, metrics):
     """A reply whose masks prune layer 0's first head before the round, then half of every layer's
     FFN channels and its second head after step ``steps_at``."""
     masks = full_masks(structure)
@@ -104,8 +71,8 @@ def _pruned_reply(strat, state, structure, client, rank, steps_at, metrics):
 def test_the_clock_charges_each_step_at_the_masks_in_force():
     cfg, strat, state, structure, fleet = _fleet_strategy(train={"local_steps": 600, "batch_size": 4})
     metrics = TrainMetrics(num_examples=10, train_loss=0.5, steps=600, tokens=600 * 4 * 32)
-    content, end_masks, _ = _pruned_reply(strat, state, structure, 0, 2, 200, metrics)
-    strat.aggregate_train(1, [_reply(100, content)])
+    content, end_masks, _ = _prunedmock_reply(strat, state, structure, 0, 2, 200, metrics)
+    strat.aggregate_train(1, [mock_reply(100, content)])
     rec = {r["client_id"]: r for r in strat.round_result(1).clients}[0]
     start = full_masks(structure)
     start[0]["attn"][0] = False
@@ -120,10 +87,10 @@ def test_the_clock_charges_each_step_at_the_masks_in_force():
 def test_inconsistent_pruning_steps_are_rejected():
     cfg, strat, state, structure, fleet = _fleet_strategy()
     metrics = TrainMetrics(num_examples=10, train_loss=0.5, steps=6, tokens=100)
-    content, masks, pruned_at = _pruned_reply(strat, state, structure, 0, 2, 2, metrics)
+    content, masks, pruned_at = _prunedmock_reply(strat, state, structure, 0, 2, 2, metrics)
     pruned_at[0]["attn"][3] = 4  # a kept head with a pruning step
     content["mask_steps"] = ArrayRecord(masks_to_tensors(pruned_at))
-    strat.aggregate_train(1, [_reply(100, content)])
+    strat.aggregate_train(1, [mock_reply(100, content)])
     rec = {r["client_id"]: r for r in strat.round_result(1).clients}[0]
     assert rec["status"] == "rejected" and "inconsistent with its masks" in rec["reason"]
 
@@ -134,7 +101,7 @@ def test_client_figures_are_bounded_before_the_clock_sees_them():
                             "train_time_s": float("nan"), "prune_ratio": 7.0})
     payload = strat.client_payload(state, 0, 2)
     content = RecordDict({"arrays": factors_to_record(payload.adapter, payload.head), "metrics": hostile})
-    strat.aggregate_train(1, [_reply(100, content)])
+    strat.aggregate_train(1, [mock_reply(100, content)])
     rec = {r["client_id"]: r for r in strat.round_result(1).clients}[0]
     assert rec["status"] == "ok" and math.isfinite(rec["sim_seconds"]) and rec["sim_seconds"] > 0
     assert math.isnan(rec["train_time_s"]) and rec["prune_ratio"] == 0.0
@@ -151,7 +118,7 @@ def test_a_device_deploys_at_the_rank_it_last_trained_at():
     replies = []
     for c in (0, 1):
         payload = strat.client_payload(state, c, ranks[c])
-        replies.append(_reply(100 + c, RecordDict({
+        replies.append(mock_reply(100 + c, RecordDict({
             "arrays": factors_to_record(payload.adapter, payload.head),
             "metrics": MetricRecord(TrainMetrics(num_examples=5, train_loss=0.4, steps=6, tokens=64).to_record())})))
     strat.aggregate_train(1, replies)

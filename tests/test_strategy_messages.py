@@ -1,70 +1,28 @@
 """The strategy's Flower plumbing with mock replies (no network): per-node messages,
 seeded sampling, and rejection of failed, malformed or non-finite client updates."""
 
-from unittest.mock import Mock
 
 import pytest
 import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
-    Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
 
 from fedtune.core.config import config_from_dict
-from fedtune.core.protocol import NodeIdentity, TrainMetrics, TrainRequest
+from fedtune.core.protocol import TrainMetrics, TrainRequest
 from fedtune.lora.factors import dense_delta
 from fedtune.lora.records import factors_to_record, record_to_state, state_to_record
 from strategies import HetLoRA
+from tests.conftest import FakeGrid
+from tests.conftest import mock_reply as reply
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's runtime sets the task identity that Message() reads; outside it, tests do."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 SHAPES = {"enc.0.q": (6, 5), "enc.0.v": (6, 5)}
 HEAD = {"classifier.weight": torch.zeros(2, 5)}
-
-
-def reply(node, content=None, error=None):
-    msg = Mock(spec=Message)
-    msg.metadata.src_node_id = node
-    msg.has_error.return_value = error is not None
-    msg.error.reason = error
-    msg.content = content
-    return msg
-
-
-class FakeGrid:
-    """Nodes 100+i hold client i; train replies come from ``handler(node, message)``."""
-
-    def __init__(self, n, handler=None):
-        self.nodes = [100 + i for i in range(n)]
-        self.handler = handler
-        self.sent = []
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        self.sent.append(messages)
-        out = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            if m.metadata.message_type == MessageType.QUERY:
-                out.append(reply(node, RecordDict({"config": ConfigRecord(NodeIdentity(client_id=node - 100).to_config())})))
-        return out
 
 
 def good_content(rank, gen, n=10, scale=1.0):

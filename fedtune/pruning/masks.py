@@ -22,26 +22,24 @@ def masks_to_tensors(masks: Masks) -> dict[str, torch.Tensor]:
             for layer, m in masks.items() for kind, t in m.items()}
 
 
-def masks_from_tensors(tensors: dict[str, torch.Tensor]) -> Masks:
-    """Inverse of :func:`masks_to_tensors`; raises ValueError on a key that is not a mask key."""
+def _read(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> Masks:
     out: Masks = {}
     for key, t in tensors.items():
         parts = key.split("::")
         if len(parts) != 3 or parts[0] != MASK_PREFIX:
             raise ValueError(f"not a mask key: {key!r}")
-        out.setdefault(int(parts[1]), {})[parts[2]] = t.to(torch.bool)
+        out.setdefault(int(parts[1]), {})[parts[2]] = t.to(dtype)
     return out
+
+
+def masks_from_tensors(tensors: dict[str, torch.Tensor]) -> Masks:
+    """Inverse of :func:`masks_to_tensors`; raises ValueError on a key that is not a mask key."""
+    return _read(tensors, torch.bool)
 
 
 def steps_from_tensors(tensors: dict[str, torch.Tensor]) -> Masks:
-    """Per-unit pruning steps (int) from :func:`masks_to_tensors`' key scheme."""
-    out: Masks = {}
-    for key, t in tensors.items():
-        parts = key.split("::")
-        if len(parts) != 3 or parts[0] != MASK_PREFIX:
-            raise ValueError(f"not a mask key: {key!r}")
-        out.setdefault(int(parts[1]), {})[parts[2]] = t.to(torch.int64)
-    return out
+    """Per-unit pruning steps (int64) in :func:`masks_to_tensors`' key scheme."""
+    return _read(tensors, torch.int64)
 
 
 def masks_to_bits(masks: Masks) -> dict[str, dict[str, str]]:

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.core.metric import masked, metric_named, metric_of_records, time_to_target
+from fedtune.core.protocol import ClientKey as C
+from fedtune.core.protocol import RoundKey as R
+from fedtune.core.protocol import Status
 from fedtune.round.outputs import read_metrics
 
 __all__ = ["run_stats", "find_runs", "report"]
@@ -69,17 +72,17 @@ def run_stats(run_dir: Path, target: float | None = None, prefer_masked: bool = 
     if target is None:
         target = info.get("target") or None
     evals = [r for r in records if r.get(metric) is not None]
-    ok = [c for r in records for c in r.get("clients", []) if c.get("status") == "ok"]
+    ok = [c for r in records for c in r.get(R.CLIENTS, []) if c.get(C.STATUS) == Status.OK]
     dep = summary.get("deployment", {})
     classes: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for r in records:
-        for c in r.get("clients", []):
-            if c.get("status") == "ok" and c.get("device"):
-                step = c.get("arm", {}).get("ratio", c.get("prune_ratio", 0.0))
-                classes.setdefault(c["device"], {}).setdefault(r["round"], []).append((c.get("rank", 0), step))
+        for c in r.get(R.CLIENTS, []):
+            if c.get(C.STATUS) == Status.OK and c.get(C.DEVICE):
+                step = c.get(C.ARM, {}).get("ratio", c.get(C.PRUNE_RATIO, 0.0))
+                classes.setdefault(c[C.DEVICE], {}).setdefault(r[R.ROUND], []).append((c.get(C.RANK, 0), step))
     cum, bytes_by_round = 0, []
     for r in records:
-        cum += r.get("bytes_up", 0) + r.get("bytes_down", 0)
+        cum += r.get(R.BYTES_UP, 0) + r.get(R.BYTES_DOWN, 0)
         bytes_by_round.append(cum)
     return {
         "run_dir": str(run_dir), "setting": info.get("setting", "runs"),
@@ -89,21 +92,21 @@ def run_stats(run_dir: Path, target: float | None = None, prefer_masked: bool = 
         "time_to_target_s": time_to_target(records, target, metric) if target else None,
         "final": evals[-1][metric] if evals else None,
         "best": metric_named(metric).best([r[metric] for r in evals]) if evals else None,
-        "sim_time_s": records[-1].get("sim_time_s"), "rounds": records[-1]["round"],
-        "wall_time_s": records[-1].get("wall_time_s"),
+        "sim_time_s": records[-1].get(R.SIM_TIME_S), "rounds": records[-1][R.ROUND],
+        "wall_time_s": records[-1].get(R.WALL_TIME_S),
         "bytes_sent": bytes_by_round[-1] if bytes_by_round else 0,
-        "peak_mem_gb": max((c.get("peak_mem_gb", 0.0) for c in ok), default=None),
-        "mean_rank": statistics.fmean(c.get("rank", 0) for c in ok) if ok else None,
-        "failed_client_rounds": sum(c.get("status") != "ok" for r in records for c in r.get("clients", [])),
+        "peak_mem_gb": max((c.get(C.PEAK_MEM_GB, 0.0) for c in ok), default=None),
+        "mean_rank": statistics.fmean(c.get(C.RANK, 0) for c in ok) if ok else None,
+        "failed_client_rounds": sum(c.get(C.STATUS) != Status.OK for r in records for c in r.get(R.CLIENTS, [])),
         "trained_sparsity": dep.get("trained_sparsity"), "deployed_sparsity": dep.get("deployed_sparsity"),
         "deployed_metric": dep.get(base_metric), "latency_ms": dep.get("latency_ms"),
         "dense_latency_ms": dep.get("dense_latency_ms"), "size_mb": dep.get("size_mb"),
         "records": records,  # every round's record, for times to other targets
-        "curve": [(r.get("sim_time_s", float(r["round"])), r[metric]) for r in evals],
-        "rounds_trace": [{"round": r["round"],
-                          "rank": _mean([c.get("rank") for c in r.get("clients", []) if c.get("status") == "ok"]),
-                          "sparsity": _mean([c.get("prune_ratio") for c in r.get("clients", [])
-                                             if c.get("status") == "ok"])} for r in records if r["round"] > 0],
+        "curve": [(r.get(R.SIM_TIME_S, float(r[R.ROUND])), r[metric]) for r in evals],
+        "rounds_trace": [{"round": r[R.ROUND],
+                          "rank": _mean([c.get(C.RANK) for c in r.get(R.CLIENTS, []) if c.get(C.STATUS) == Status.OK]),
+                          "sparsity": _mean([c.get(C.PRUNE_RATIO) for c in r.get(R.CLIENTS, [])
+                                             if c.get(C.STATUS) == Status.OK])} for r in records if r[R.ROUND] > 0],
         "bytes_by_round": bytes_by_round,
         "arms_by_class": {k: {rnd: (_mean([a for a, _ in v]), _mean([b for _, b in v])) for rnd, v in sorted(d.items())}
                           for k, d in sorted(classes.items())},

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.core.metric import masked, metric_of_records
+from fedtune.core.protocol import ClientKey as C
+from fedtune.core.protocol import RoundKey as R
+from fedtune.core.protocol import Status
 
 __all__ = ["MetricsWriter", "read_metrics", "summarize", "plot_metrics", "format_progress"]
 
@@ -30,7 +33,7 @@ class MetricsWriter:
         if keep_up_to_round is None:
             path.write_text("")
         else:
-            kept = [r for r in read_metrics(path) if r["round"] <= keep_up_to_round] if path.exists() else []
+            kept = [r for r in read_metrics(path) if r[R.ROUND] <= keep_up_to_round] if path.exists() else []
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -47,17 +50,17 @@ def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
     metric = metric_of_records([first]).key
     evals = [r for r in records if r.get(metric) is not None]
     out = {
-        "rounds": last["round"],
+        "rounds": last[R.ROUND],
         "metric": metric,
         f"initial_{metric}": first.get(metric),
         f"final_{metric}": evals[-1].get(metric) if evals else None,
-        "initial_eval_loss": first.get("eval_loss"),
-        "final_eval_loss": evals[-1].get("eval_loss") if evals else None,
-        "wall_time_s": last["wall_time_s"],
-        "bytes_up": sum(r.get("bytes_up", 0) for r in records),
-        "bytes_down": sum(r.get("bytes_down", 0) for r in records),
-        "client_rounds_ok": sum(sum(c["status"] == "ok" for c in r.get("clients", [])) for r in records),
-        "client_rounds_failed": sum(sum(c["status"] != "ok" for c in r.get("clients", [])) for r in records),
+        "initial_eval_loss": first.get(R.EVAL_LOSS),
+        "final_eval_loss": evals[-1].get(R.EVAL_LOSS) if evals else None,
+        "wall_time_s": last[R.WALL_TIME_S],
+        "bytes_up": sum(r.get(R.BYTES_UP, 0) for r in records),
+        "bytes_down": sum(r.get(R.BYTES_DOWN, 0) for r in records),
+        "client_rounds_ok": sum(sum(c[C.STATUS] == Status.OK for c in r.get(R.CLIENTS, [])) for r in records),
+        "client_rounds_failed": sum(sum(c[C.STATUS] != Status.OK for c in r.get(R.CLIENTS, [])) for r in records),
     }
     masked_key = masked(metric_of_records([first])).key
     masked_evals = [r for r in records if r.get(masked_key) is not None]
@@ -80,8 +83,8 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
     except ImportError:  # pragma: no cover - matplotlib comes with flwr-datasets
         return None
     metric = metric_of_records(records[:1]).key
-    ev = [(r["round"], r[metric]) for r in records if r.get(metric) is not None]
-    tl = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    ev = [(r[R.ROUND], r[metric]) for r in records if r.get(metric) is not None]
+    tl = [(r[R.ROUND], r[R.TRAIN_LOSS]) for r in records if r.get(R.TRAIN_LOSS) is not None]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     if ev:
         axes[0].plot(*zip(*ev), marker="o")
@@ -100,15 +103,15 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 
 def format_progress(record: dict[str, Any], num_rounds: int) -> str:
-    clients = record.get("clients", [])
-    ok = sum(c["status"] == "ok" for c in clients)
+    clients = record.get(R.CLIENTS, [])
+    ok = sum(c[C.STATUS] == Status.OK for c in clients)
     parts = [f"round {record['round']:>3}/{num_rounds}"]
-    if record["round"] > 0:
+    if record[R.ROUND] > 0:
         parts.append(f"clients {ok}/{len(clients)} ok")
-        if record.get("train_loss") is not None:
-            parts.append(f"train_loss {record['train_loss']:.4f}")
-    if record.get("eval_loss") is not None:
-        parts.append(f"eval_loss {record['eval_loss']:.4f}")
+        if record.get(R.TRAIN_LOSS) is not None:
+            parts.append(f"train_loss {record[R.TRAIN_LOSS]:.4f}")
+    if record.get(R.EVAL_LOSS) is not None:
+        parts.append(f"eval_loss {record[R.EVAL_LOSS]:.4f}")
     if record.get("eval_accuracy") is not None:
         parts.append(f"accuracy {record['eval_accuracy']:.4f}")
     if record.get("eval_perplexity") is not None:

@@ -50,6 +50,11 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or len(argv) % 2:
         print(__doc__)
         return 2
+    for run in map(Path, argv):
+        for part in ("adapter/adapter_model.safetensors", "metrics.jsonl"):
+            if not (run / part).is_file():
+                print(f"same_run: {run}: no {part} (not a finished fedtune run directory)", file=sys.stderr)
+                return 2
     failed = False
     for a, b in zip(argv[::2], argv[1::2]):
         problems = compare(Path(a), Path(b))

@@ -23,7 +23,7 @@ def _base_and_state():
 
 def test_completion_reaches_the_target_keeps_earlier_pruning_and_follows_magnitude():
     from fedtune.pruning.completion import complete_masks
-    from fedtune.pruning.prune_and_tune import unit_ratio
+    from fedtune.pruning.masks import structural_sparsity as unit_ratio
 
     cfg, base, state = _base_and_state()
     s = model_structure(base.model)

@@ -21,6 +21,7 @@ from fedtune.pruning.importance import (
     prune_step,
     unit_scores,
 )
+from fedtune.pruning.masks import structural_sparsity
 from fedtune.pruning.structure import (
     LayerStructure,
     Masks,
@@ -29,7 +30,7 @@ from fedtune.pruning.structure import (
     module_keep,
 )
 
-__all__ = ["PruneSpec", "PruneAndTune", "unit_ratio", "event_steps"]
+__all__ = ["PruneSpec", "PruneAndTune", "event_steps"]
 
 
 def event_steps(total_steps: int, interval: int, recovery_steps: int = 0) -> list[int]:
@@ -39,13 +40,6 @@ def event_steps(total_steps: int, interval: int, recovery_steps: int = 0) -> lis
     return list(range(interval, last + 1, interval)) or [last]
 
 
-def unit_ratio(masks: Masks, skip_layers: frozenset[int] | set[int] | tuple[int, ...] = ()) -> float:
-    """Mean fraction of pruned units per layer and kind (``skip_layers``, never pruned, left out)."""
-    vals = [1.0 - float(t.float().mean()) for layer, m in masks.items() if layer not in skip_layers
-            for t in m.values()]
-    return sum(vals) / len(vals) if vals else 0.0
-
-
 class PruneAndTune:
     def __init__(self, model: torch.nn.Module, lora_layers: dict[str, Any], structure: list[LayerStructure],
                  spec: PruneSpec, total_steps: int, *, masks: Masks | None = None,
@@ -53,7 +47,7 @@ class PruneAndTune:
         self.model, self.layers, self.structure, self.spec = model, lora_layers, structure, spec
         self.masks = masks if masks is not None else full_masks(structure)
         self.scores = scores
-        self.start = unit_ratio(self.masks, spec.skip_layers)  # of the prunable layers: where the schedule starts
+        self.start = structural_sparsity(self.masks, spec.skip_layers)  # of the prunable layers: where the schedule starts
         events = event_steps(total_steps, spec.interval, spec.recovery_steps)
         if self.start >= spec.target:
             events = []

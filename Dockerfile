@@ -24,7 +24,7 @@ RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
         export PIP_CERT=/tmp/pip-ca.pem; fi \
  && pip install $TORCH_PIP_ARGS torch==2.13.0 \
  && rm -f /tmp/pip-ca.pem
-COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app pyproject.toml README.md LICENSE ./
 COPY --chown=app:app fedtune ./fedtune
 COPY --chown=app:app clients ./clients
 COPY --chown=app:app strategies ./strategies

@@ -2,9 +2,11 @@
 
 Every train message carries what the client needs for its round (:class:`fedtune.core.protocol.TrainRequest`),
 so the same ClientApp serves Ray simulations and real SuperNodes without local configuration.
-A node's client id is its ``partition-id`` node config (set by Flower's simulation engine,
-or ``--node-config "partition-id=3 num-partitions=20"`` on a SuperNode), and its device
-class, reported to the server, is its ``device`` node config.
+On a SuperNode, a node's client id is its ``partition-id`` node config (``--node-config
+"partition-id=3 num-partitions=20"``) and its device class, reported to the server when it
+is asked, its ``device`` node config. On Flower's simulation engine the server assigns the
+client in each train message (``federation.client_ids``), so virtual nodes that are never
+sampled never run.
 
 Where the work runs: in a Ray simulation the ClientApp lives in a long-lived actor and
 trains in-process (:func:`clients.local.handle_train`). On a SuperNode, Flower starts a
@@ -12,8 +14,10 @@ fresh ClientApp process for every message; with ``client-worker=true`` in the no
 (what ``fedtune deploy`` and ``docker-compose.yml`` set) this module stays light (no torch
 import) and hands the message to the node's persistent worker (:mod:`clients.worker`), which
 keeps torch, the base model and the tokenised partition loaded across rounds. If the worker
-cannot be reached, the ClientApp trains in-process. Any failure is returned as an error reply
-naming the client and its cause, so the round goes on.
+cannot be reached, its socket directory is not private to this user, or it refuses the request
+as unreadable (:class:`clients.worker.WorkerUnavailable` and its subclasses), the ClientApp logs
+why and trains in-process. Any failure is returned as an error reply naming the client and its
+cause, so the round goes on.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ app = ClientApp()
 
 def client_id_of(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id))
+
+
+def assigned_client_id(msg: Message, context: Context) -> int:
+    """On Flower's simulation engine every virtual node can serve any partition: the client the
+    server names in the train request (``federation.client_ids = "assign"``), else the node's own."""
+    try:
+        return int(msg.content[CONFIG]["client_id"])
+    except (KeyError, TypeError, ValueError):
+        return client_id_of(context)
 
 
 def uses_worker(context: Context) -> bool:
@@ -75,8 +88,8 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    client_id = client_id_of(context)
     in_ray = "ray" in sys.modules  # a simulation actor (before training imports anything)
+    client_id = assigned_client_id(msg, context) if in_ray else client_id_of(context)
     try:
         content = None
         if uses_worker(context):
@@ -86,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
                 content = request_train(msg.content, dict(context.node_config), context.state, client_id,
                                         context.node_id)
             except WorkerUnavailable as exc:
-                LOG.warning("client %d: %s; training in this process", client_id, exc)
+                LOG.warning("client %d: %s: %s; training in this process", client_id, type(exc).__name__, exc)
         if content is None:
             from clients.local import handle_train
 

@@ -35,14 +35,21 @@ from fedtune.core.protocol import (
 )
 from fedtune.data.batching import Tokenized, tokenize
 from fedtune.data.partition import cached_federated_data
-from fedtune.lora.factors import Factors
-from fedtune.lora.records import factors_to_record, record_to_state
+from fedtune.lora.factors import Factors, GlobalAdapter
+from fedtune.lora.records import factors_to_record, record_to_state, state_to_tensors
+from fedtune.lora.transport import (
+    encode_with_feedback,
+    residual_from_record,
+    residual_to_record,
+)
 from fedtune.models.loading import cached_base_model
 from fedtune.pruning.masks import masks_from_tensors, masks_to_tensors
 from fedtune.pruning.structure import Masks
 from fedtune.training.local import train_local
 
-__all__ = ["handle_train", "inject_fault"]
+__all__ = ["handle_train", "inject_fault", "RESIDUAL_STATE"]
+
+RESIDUAL_STATE = "fedtune.transport.residual"  # node-state ArrayRecord: what the last lossy reply could not carry
 
 LOG = logging.getLogger("fedtune.client")
 
@@ -103,6 +110,24 @@ def save_prune_state(state: RecordDict, masks: Masks, scores: dict[int, dict[str
     state[NODE_STATE_PRUNE] = ArrayRecord(tensors)
 
 
+def reply_record(state: RecordDict, factors: Factors, head: dict[str, torch.Tensor], codec: str,
+                 error_feedback: bool) -> ArrayRecord:
+    """The reply's adapter record in ``codec``. With ``error_feedback`` and a lossy codec, the
+    residual of the node's last reply (per tensor: value minus what the server decoded) is added
+    first and the new residual saved in the node's ``state``; a tensor whose shape changed (a new
+    rank) starts from zero. Otherwise any saved residual is dropped."""
+    if not error_feedback or codec == "fp32":
+        if RESIDUAL_STATE in state.array_records:
+            del state[RESIDUAL_STATE]
+        return factors_to_record(factors, head, codec)
+    saved = state.array_records.get(RESIDUAL_STATE)
+    residual = residual_from_record(saved) if saved is not None else None
+    record, residual = encode_with_feedback(state_to_tensors(GlobalAdapter(adapter=factors, head=head)), codec,
+                                            residual)
+    state[RESIDUAL_STATE] = residual_to_record(residual)
+    return record
+
+
 def inject_fault(kind: str, factors: Factors) -> Factors:
     """A corrupted copy of an update, for fault-injection tests (``[faults]`` in the config)."""
     out = {m: (a.clone(), b.clone()) for m, (a, b) in factors.items()}
@@ -123,7 +148,8 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
                  on_crash: Callable[[], None] | None = None) -> RecordDict:
     """Train on one message's content; returns the reply content (raises on any failure).
 
-    ``state`` is the node's persistent state (pruning masks and importance live there).
+    ``state`` is the node's persistent state (pruning masks and importance live there, and the
+    error-feedback residual of a lossy reply transport).
     """
     t0 = time.perf_counter()
     request = TrainRequest.from_config(content[CONFIG])
@@ -143,7 +169,7 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     base = cached_base_model(setup.model, setup.seed)
     data = client_partition(setup, client_id)
     setup_s = time.perf_counter() - t_setup
-    train_state = record_to_state(content[ARRAYS])
+    train_state = record_to_state(content[ARRAYS], request.transport_down)
     masks, scores = load_prune_state(state)
     result = train_local(base, train_state, request.rank, data, setup, train_a=request.train_a, seed=request.seed,
                          prune=request.prune, masks=masks, scores=scores)
@@ -154,7 +180,11 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     factors = inject_fault(fault, result.factors) if fault else result.factors
     if fault == "hang":
         time.sleep(request.hang_s)
-    reply = RecordDict({ARRAYS: factors_to_record(factors, result.head),
+    if fault:  # an injected fault's reply is sent as it is; the error-feedback residual is left alone
+        arrays = factors_to_record(factors, result.head, request.transport_up)
+    else:
+        arrays = reply_record(state, factors, result.head, request.transport_up, request.error_feedback)
+    reply = RecordDict({ARRAYS: arrays,
                         INFO: ConfigRecord(ReplyInfo(worker=_worker_name(),
                                                      quantization=setup.model.quantization).to_config())})
     if result.masks is not None:

@@ -1,9 +1,17 @@
-"""``fedtune`` command line: ``fedtune simulate [--config PATH] [--set KEY=VALUE ...] [--out DIR]``."""
+"""``fedtune`` command line: ``fedtune simulate [--config PATH] [--set KEY=VALUE ...] [--out DIR]``.
+
+Exit status: 0 when the command did its work; 1 when a run failed; 2 for bad input, reported on one
+line that names the key or argument (an unknown or invalid config key, a file that is missing or not
+UTF-8 TOML, a run directory that is in use, a Ray cluster in ``simulation.ray_address`` that does
+not answer); 128 + N when signal N stopped a ``simulate`` run (143 for SIGTERM, 130 for SIGINT),
+after one line that names the last checkpointed round.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,9 +25,23 @@ from fedtune.core.config import (
 
 __all__ = ["main"]
 
+FORCE_HELP = "overwrite a non-empty --out, or resume with a changed config"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedtune")
+    except PackageNotFoundError:
+        import fedtune
+
+        return str(getattr(fedtune, "__version__", "unknown"))
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning on Flower + Ray")
+    p.add_argument("--version", action="version", version=f"fedtune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -33,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     common(sim)
     sim.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<timestamp>)")
     sim.add_argument("--resume", action="store_true", help="resume from the run directory's checkpoint")
+    sim.add_argument("--force", action="store_true", help=FORCE_HELP)
     sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
 
     dep = sub.add_parser("deploy", help="run an experiment on a local Flower deployment: a SuperLink and"
@@ -45,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--insecure", action="store_true", help="no TLS (only for trying things on one machine)")
     dep.add_argument("--no-auth", action="store_true", help="admit any SuperNode (no registration)")
     dep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    dep.add_argument("--force", action="store_true", help=FORCE_HELP)
     dep.add_argument("--no-worker", action="store_true",
                      help="train in Flower's per-message ClientApp processes (no persistent worker per node)")
 
@@ -67,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--target", type=float, help="target metric (default: each run's experiment.json, else"
                                                    " the least good method's mean final value)")
 
-    show = sub.add_parser("config", help="print the resolved config after overrides")
+    show = sub.add_parser("config", help="check the experiment as `simulate` does before it starts (strategy,"
+                                          " data set, model, LoRA targets, fleet) and print the resolved config")
     common(show)
     sub.add_parser("strategies", help="list registered strategies")
     return p
@@ -129,19 +154,38 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    print(config_to_toml(_load(args)), end="")
+    from fedtune.engine.simulation import preflight, quiet_library_warnings
+
+    cfg = _load(args)
+    quiet_library_warnings()
+    preflight(cfg)
+    print(config_to_toml(cfg), end="")
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedtune.engine.simulation import preflight, prepare_environment, simulate
+    from fedtune.engine.simulation import (
+        RunStopped,
+        check_ray_address,
+        preflight,
+        prepare_environment,
+        simulate,
+    )
 
     cfg = _load(args)
     prepare_environment(cfg, args.verbose)
     out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_resume(args, out)
+    _check_run_dir(args, out, cfg)
+    check_ray_address(cfg)
     preflight(cfg)
-    summary = simulate(cfg, out, resume=args.resume, verbose=args.verbose)
+    try:
+        summary = simulate(cfg, out, resume=args.resume, force=args.force, verbose=args.verbose)
+    except RunStopped as exc:
+        print(f"[fedtune] {exc}", file=sys.stderr, flush=True)
+        if not exc.clean:  # Ray is down, but threads of the run that wait on it would keep the process alive
+            sys.stdout.flush()
+            os._exit(exc.exit_status)
+        return exc.exit_status
     metric = summary["metric"]
     print(f"[fedtune] {metric}: {summary[f'initial_{metric}']:.4f} (round 0) -> {summary[f'final_{metric}']:.4f}"
           f" (round {summary['rounds']}); outputs in {out}")
@@ -159,15 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _check_resume(args: argparse.Namespace, out: Path) -> None:
-    if args.resume and not (out / "checkpoint" / "meta.json").is_file():
-        raise ConfigError(f"--resume: no checkpoint in {out}")
+def _check_run_dir(args: argparse.Namespace, out: Path, cfg: ExperimentConfig) -> None:
+    """--resume needs a checkpoint of the same config, a new run an empty --out (unless --force)."""
+    from fedtune.round.checkpoint import check_run_dir
+
+    check_run_dir(out, cfg, resume=args.resume, force=args.force)
 
 
 def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     import dataclasses
 
     from fedtune.deploy.processes import deploy
+    from fedtune.engine.simulation import preflight, quiet_library_warnings
 
     if args.nodes is not None:
         if args.nodes < 1:
@@ -176,11 +223,13 @@ def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
                                   min_clients=min(cfg.federation.min_clients, args.nodes))
         cfg = dataclasses.replace(cfg, federation=fed)
     out = args.out or Path("runs") / f"{cfg.name}-deploy-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_resume(args, out)
+    _check_run_dir(args, out, cfg)
+    quiet_library_warnings()
+    preflight(cfg)
     work_dir = args.work_dir or out / ("deployment-resumed" if args.resume else "deployment")
     try:
         status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth,
-                           worker=not args.no_worker, resume=args.resume)
+                           worker=not args.no_worker, resume=args.resume, force=args.force)
     except RuntimeError as exc:  # a process that did not start, a refused registration, a failed flwr run
         print(f"fedtune: error: {exc} (logs in {work_dir / 'logs'})", file=sys.stderr)
         return 1

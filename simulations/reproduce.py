@@ -2,7 +2,10 @@
 every method, every seed, then ``fedtune report`` over the runs.
 
 A setting TOML names the base experiment (``[experiment]``), the common target sparsity, the
-seeds, the target metric and the methods. The methods (all on the same simulated fleet, same
+target metric and the methods, and what the comparison is judged by, declared before any run
+(see ``fedtune/reporting/settings.py``): the ``baseline`` method (required), the ``target``,
+``sustain_k``, ``final_window``, the evaluation ``seeds``, the ``tuning_seeds`` (disjoint from them)
+and optional ``margins``. The methods (all on the same simulated fleet, same
 sampling and availability for a seed, all completed to the setting's sparsity before deployment,
 see ``fedtune/deployed.py``):
 
@@ -17,8 +20,9 @@ see ``fedtune/deployed.py``):
 - ``random``: the bandit's arms drawn at random; ``ucb1``: UCB1 over the same arms, one learner
   per client (used by ``simulations/bench/fleet_bandit.py``).
 - ``best-static``: a small grid of static configurations (one rank for every class, each of
-  ``ranks``; fixed ratio; FlexLoRA) runs with the first seed; the one that reaches the target
-  soonest (then: best final metric) runs with every seed (its first-seed run is reused).
+  ``ranks``; fixed ratio; FlexLoRA) runs on the tuning seeds only; the one that reaches the
+  sustained target on the most of them, then soonest (geometric mean; a run that never reaches it
+  counted at its horizon), then with the better mean final metric, runs on every evaluation seed.
 
 Runs go to ``<runs-dir>/<setting>/<method>/seed<k>/`` with an ``experiment.json`` the report
 reads; a finished run (``summary.json``) is skipped and an interrupted one resumes from its
@@ -34,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("fedspine", "hetlora", "flexlora", "fedit", "random", "best-static", "ucb1")
-REQUIRED = ("setting", "sparsity", "seeds", "metric", "target", "ranks", "class_ranks", "methods", "experiment")
+REQUIRED = ("setting", "sparsity", "seeds", "metric", "target", "baseline", "ranks", "class_ranks", "methods",
+            "experiment")
 
 
 def load_setting(path: Path) -> dict[str, Any]:
@@ -72,6 +76,19 @@ def load_setting(path: Path) -> dict[str, Any]:
     if s["metric"] not in ("eval_accuracy", "eval_perplexity"):
         raise SystemExit(f"reproduce: {path}: metric: 'eval_accuracy' or 'eval_perplexity', got {s['metric']!r}")
     from fedtune.core.config import ConfigError, config_from_dict
+    from fedtune.reporting.settings import comparison_settings
+
+    try:
+        s["comparison"] = comparison_settings(s, str(path))
+    except ConfigError as exc:
+        raise SystemExit(f"reproduce: {exc}") from None
+    if not s["seeds"]:
+        raise SystemExit(f"reproduce: {path}: seeds: need at least one evaluation seed")
+    if s["baseline"] not in s["methods"]:
+        raise SystemExit(f"reproduce: {path}: baseline: {s['baseline']!r} is not one of the methods"
+                         f" ({', '.join(s['methods'])})")
+    if "best-static" in s["methods"] and not s.get("tuning_seeds"):
+        raise SystemExit(f"reproduce: {path}: tuning_seeds: best-static is tuned on them; need at least one")
 
     for m in s["methods"]:  # every run's config is checked now, not after hours of earlier runs
         for name in (list(grid(s)) if m == "best-static" else [m]):
@@ -129,25 +146,27 @@ def method_config(s: dict[str, Any], method: str, seed: int, static: dict[str, i
 
 def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str, Any], meta: dict[str, Any],
             log: Any) -> Path:
+    """Run ``method`` with ``seed`` into ``<runs>/<setting>/<method>/seed<seed>/`` (a finished run is kept,
+    an interrupted one resumes); its ``experiment.json`` carries the setting's comparison keys."""
+    from fedtune.core.config import config_from_dict
+    from fedtune.reporting.settings import comparison_settings
+    from fedtune.round.checkpoint import has_checkpoint
+
     run_dir = runs / s["setting"] / method / f"seed{seed}"
     if (run_dir / "summary.json").is_file():
-        return run_dir
-    reuse = meta.get("reuse")
-    if reuse and (runs / s["setting"] / reuse / f"seed{seed}" / "summary.json").is_file():
-        shutil.copytree(runs / s["setting"] / reuse / f"seed{seed}", run_dir, dirs_exist_ok=True)
-        info = json.loads((run_dir / "experiment.json").read_text())
-        info.update(method=method, grid_candidate=False, **meta)
-        (run_dir / "experiment.json").write_text(json.dumps(info, indent=2) + "\n")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "experiment.toml"
     cfg_path.write_text(tomli_w.dumps(cfg))
+    judged = (s.get("comparison") or comparison_settings(s, s["setting"])).to_json()
     (run_dir / "experiment.json").write_text(json.dumps(
         {"setting": s["setting"], "title": s.get("title", s["setting"]), "method": method, "seed": seed,
-         "sparsity": s["sparsity"], "metric": s["metric"], "target": s["target"], **meta}, indent=2) + "\n")
+         "sparsity": s["sparsity"], "metric": s["metric"], **judged,
+         "methods": list(s["methods"]), "eval_size": config_from_dict(cfg).data.eval_size, **meta}, indent=2) + "\n")
     cmd = [sys.executable, "-m", "fedtune", "simulate", "--config", str(cfg_path), "--out", str(run_dir)]
-    if (run_dir / "checkpoint" / "meta.json").is_file():
-        cmd.append("--resume")
+    # an interrupted run resumes from its committed checkpoint; otherwise the run starts afresh in the
+    # folder that already holds its experiment files (and whatever an interrupted start left)
+    cmd.append("--resume" if has_checkpoint(run_dir / "checkpoint") else "--force")
     t0 = time.time()
     with (run_dir / "log.txt").open("a") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, text=True)
@@ -160,16 +179,28 @@ def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str
 
 
 def best_static(s: dict[str, Any], runs: Path) -> str:
-    """The grid candidate (run with the first seed) that reaches the target soonest, then best final metric."""
-    from fedtune.reporting.comparison import run_stats
+    """The grid candidate (run on the tuning seeds) that reaches the sustained target on the most tuning
+    seeds, then with the shortest geometric-mean time to it (a run that never reaches it counted at its
+    horizon), then with the better mean final metric (the mean of each run's last ``final_window``
+    evaluations). Without a declared target: the better mean final metric alone."""
+    import math
 
+    from fedtune.reporting.comparison import run_stats
+    from fedtune.reporting.settings import comparison_settings
+    from fedtune.reporting.stats import geomean
+
+    cs = s.get("comparison") or comparison_settings(s, s["setting"])
     lower = "perplexity" in s["metric"]
     scored = []
     for name in grid(s):
-        st = run_stats(runs / s["setting"] / name / f"seed{s['seeds'][0]}", target=s["target"] or None)
-        ttt = st["time_to_target_s"]
-        final = st["final"] if st["final"] is not None else float("inf" if lower else "-inf")
-        scored.append(((ttt is None, ttt or 0.0, final if lower else -final), name))
+        stats = [run_stats(runs / s["setting"] / name / f"seed{seed}", target=cs.target,
+                           sustain_k=cs.sustain_k, final_window=cs.final_window) for seed in cs.tuning_seeds]
+        times = [st["sustained"].time_s for st in stats if st["sustained"] is not None]
+        censored = sum(st["sustained"].censored for st in stats if st["sustained"] is not None)
+        ttt = geomean(times) if times and min(times) > 0 else 0.0
+        finals = [st["final_metric"] for st in stats if st["final_metric"] is not None]
+        final = sum(finals) / len(finals) if finals else (math.inf if lower else -math.inf)
+        scored.append(((censored, ttt, final if lower else -final), name))
     return min(scored)[1]
 
 
@@ -185,8 +216,9 @@ def main() -> None:
     jobs: list[tuple[dict[str, Any], str, int]] = []
     for s in settings:
         for m in s["methods"]:
-            if m == "best-static":
-                jobs += [(s, name, s["seeds"][0]) for name in grid(s)] + [(s, m, seed) for seed in s["seeds"]]
+            if m == "best-static":  # the grid on the tuning seeds, then the chosen one on the evaluation seeds
+                jobs += [(s, name, seed) for name in grid(s) for seed in s["tuning_seeds"]]
+                jobs += [(s, m, seed) for seed in s["seeds"]]
             else:
                 jobs += [(s, m, seed) for seed in s["seeds"]]
     t0 = time.time()
@@ -200,12 +232,10 @@ def main() -> None:
             if m.startswith("static-"):
                 static, meta = grid(s)[m], {"grid_candidate": True}
             elif m == "best-static":
-                if s["setting"] not in chosen:  # the grid ran with the first seed, before these jobs
+                if s["setting"] not in chosen:  # the grid ran on the tuning seeds, before these jobs
                     chosen[s["setting"]] = best_static(s, args.runs_dir)
                 choice = chosen[s["setting"]]
                 static, meta = grid(s)[choice], {"chosen": choice}
-                if seed == s["seeds"][0]:
-                    meta["reuse"] = choice
             if m.startswith("static-") or m == "best-static":
                 meta["static_ranks"] = static
             dirs.append(run_one(s, m, seed, args.runs_dir, method_config(s, m, seed, static), meta, bar))
@@ -215,7 +245,8 @@ def main() -> None:
 
         roots = [args.runs_dir / s["setting"] for s in settings]
         out = report(roots, args.out, command="python simulations/reproduce.py " + " ".join(sys.argv[1:]),
-                     machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+                     machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                     settings={s["setting"]: s["comparison"] for s in settings})
         print(f"[reproduce] report: {out}", flush=True)
 
 

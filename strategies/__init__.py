@@ -6,6 +6,7 @@ from strategies.fedspine import FedSpine
 from strategies.ffalora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.geomedian import GeometricMedian
 from strategies.hetlora import HetLoRA
 from strategies.registry import (
     STRATEGIES,
@@ -13,8 +14,10 @@ from strategies.registry import (
     register_strategy,
     strategy_class,
 )
+from strategies.trimmed_mean import TrimmedMean
 
 __all__ = [
     "LoraStrategy", "weighted_head_average", "FedIT", "HetLoRA", "FlexLoRA", "FLoRA", "FFALoRA", "FedSpine",
+    "TrimmedMean", "GeometricMedian",
     "STRATEGIES", "register_strategy", "strategy_class", "build_strategy",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -87,6 +87,45 @@ def weighted_head_average(updates: list[ClientUpdate]) -> dict[str, torch.Tensor
     }
 
 
+def _change_norms(update: ClientUpdate, sent: GlobalAdapter | None, current: GlobalAdapter | None) -> tuple[float, float]:
+    """L2 norms (float64) of an update's adapter change against what it was sent, and of its head change."""
+    total = 0.0
+    for m, (a, b) in update.factors.items():
+        a0, b0 = sent.adapter[m] if sent is not None and m in sent.adapter else (torch.zeros_like(a), torch.zeros_like(b))
+        total += float(((a.double() - a0.double()) ** 2).sum()) + float(((b.double() - b0.double()) ** 2).sum())
+    head_total = 0.0
+    ref = current.head if current is not None else {}
+    for k, t in update.head.items():
+        t0 = ref.get(k, torch.zeros_like(t))
+        head_total += float(((t.double() - t0.double()) ** 2).sum())
+    return math.sqrt(total), math.sqrt(head_total)
+
+
+def _bound(norms: list[float], multiple: float, cap: float) -> float | None:
+    """The round's bound: ``multiple`` x the median norm and/or a fixed ``cap`` (None: unbounded)."""
+    bounds = []
+    median = float(torch.tensor(norms, dtype=torch.float64).median()) if norms else 0.0
+    if multiple > 0 and median > 0:
+        bounds.append(multiple * median)
+    if cap > 0:
+        bounds.append(cap)
+    return min(bounds) if bounds else None
+
+
+def _clipped(update: ClientUpdate, sent: GlobalAdapter | None, current: GlobalAdapter | None,
+             adapter_scale: float, head_scale: float) -> ClientUpdate:
+    """``update`` with its adapter change scaled by ``adapter_scale`` and its head change by ``head_scale``."""
+    factors = {}
+    for m, (a, b) in update.factors.items():
+        a0, b0 = sent.adapter[m] if sent is not None and m in sent.adapter else (torch.zeros_like(a), torch.zeros_like(b))
+        factors[m] = ((a0.double() + adapter_scale * (a.double() - a0.double())).to(a.dtype),
+                      (b0.double() + adapter_scale * (b.double() - b0.double())).to(b.dtype))
+    ref = current.head if current is not None else {}
+    head = {k: (ref.get(k, torch.zeros_like(t)).double() + head_scale * (t.double() - ref.get(k, torch.zeros_like(t)).double())).to(t.dtype)
+            for k, t in update.head.items()}
+    return dataclasses.replace(update, factors=factors, head=head)
+
+
 @dataclass
 class RoundResult:
     """What one round produced, as the round loop records it."""
@@ -106,6 +145,7 @@ class _Sent:
     rank: int
     sent_at: float
     bytes_down: int
+    payload: GlobalAdapter | None = None  # what the client was sent (its update is measured against it)
 
 
 class LoraStrategy(Strategy):
@@ -123,6 +163,9 @@ class LoraStrategy(Strategy):
     fleet:
         The simulated device fleet; with it, rounds run on a simulated clock (costs, OOM,
         deadlines, availability) and device classes pick base-weight widths and GPU shares.
+    partition_size:
+        The number of training examples the server assigned to a client (its partition);
+        a client's claimed ``num_examples`` is capped at it (``defense.max_examples`` overrides).
     **options:
         Subclass options; anything left over is an error naming the key.
     """
@@ -134,7 +177,7 @@ class LoraStrategy(Strategy):
 
     def __init__(self, experiment: ExperimentConfig, *, global_rank: int | None = None,
                  structure: list[LayerStructure] | None = None, fleet: FleetSimulator | None = None,
-                 **options: Any) -> None:
+                 partition_size: Callable[[int], int] | None = None, **options: Any) -> None:
         if options:
             key = sorted(options)[0]
             raise ConfigError(
@@ -149,7 +192,9 @@ class LoraStrategy(Strategy):
         self.clock = FleetClock(fleet, experiment.fleet.deadline_s) if fleet is not None else None
         self.node_clients: dict[int, int] = {}  # node id -> client id (partition id)
         self.current: GlobalAdapter | None = None
-        self.decoder = ReplyDecoder({}, {}, structure)
+        self.partition_size = partition_size
+        self._partition_sizes: dict[int, int] = {}
+        self.decoder = ReplyDecoder({}, {}, structure, max_bytes=experiment.defense.max_reply_bytes)
         self.server_round = 0  # the round being configured / aggregated
         self.client_masks: dict[int, Masks] = {}  # latest pruning masks each client reported
         self.trained_rank: dict[int, int] = {}  # rank of each client's last accepted round
@@ -211,8 +256,25 @@ class LoraStrategy(Strategy):
         self.decoder.head_shapes = {k: tuple(v.shape) for k, v in state.head.items()}
 
     def discover_clients(self, grid: Grid, timeout: float = 120.0) -> dict[int, int]:
-        """Ask unmapped nodes for their client (partition) id with a QUERY message."""
-        todo = [n for n in grid.get_node_ids() if n not in self.node_clients]
+        """Map nodes to client (partition) ids (``federation.client_ids``).
+
+        ``assign``: the first ``num_clients`` nodes in node-id order are clients 0, 1, ...; no
+        message is sent, and each train request names the client. ``query``: every node not yet
+        mapped is asked once with a QUERY message; a node whose answer is missing, malformed,
+        outside ``[0, num_clients)`` or already claimed by another node stays unmapped (it is not
+        sampled, and is asked again next round).
+        """
+        nodes = sorted(grid.get_node_ids())
+        if self.assigns_client_ids(grid):
+            num = self.experiment.federation.num_clients
+            if len(self.node_clients) < min(len(nodes), num):
+                taken = set(self.node_clients.values())
+                free = iter(c for c in range(num) if c not in taken)
+                for n in nodes:
+                    if n not in self.node_clients and (cid := next(free, None)) is not None:
+                        self.node_clients[n] = cid
+            return self.node_clients
+        todo = [n for n in nodes if n not in self.node_clients]
         if not todo:
             return self.node_clients
         msgs = [
@@ -220,21 +282,40 @@ class LoraStrategy(Strategy):
                     dst_node_id=n, message_type=MessageType.QUERY)
             for n in todo
         ]
+        claimed = {cid: n for n, cid in self.node_clients.items()}
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
-            identity = NodeIdentity.from_config(reply.content[CONFIG])
+            try:
+                identity = NodeIdentity.from_config(reply.content[CONFIG])
+                if not 0 <= identity.client_id < self.experiment.federation.num_clients:
+                    raise ValueError(f"client id {identity.client_id} outside [0, federation.num_clients="
+                                     f"{self.experiment.federation.num_clients})")
+                if identity.client_id in claimed:
+                    raise ValueError(f"client id {identity.client_id} is node {claimed[identity.client_id]}'s")
+            except (KeyError, ValueError, TypeError) as exc:
+                log(WARNING, "node %d: malformed identify reply (%s: %s); not sampled until it identifies",
+                    node, type(exc).__name__, exc)
+                continue
             self.node_clients[node] = identity.client_id
+            claimed[identity.client_id] = node
             if identity.device and self.fleet is not None:
                 try:
                     self.fleet.declare(identity.client_id, identity.device)
                 except ValueError as exc:
                     log(WARNING, "node %d: %s; using the fleet mix's device", node, exc)
-        for i, n in enumerate(sorted(todo)):  # fallback for nodes that did not answer
-            self.node_clients.setdefault(n, 10_000 + i)
         return self.node_clients
+
+    def assigns_client_ids(self, grid: Grid) -> bool:
+        """Whether the server numbers the nodes itself (``federation.client_ids``)."""
+        mode = self.experiment.federation.client_ids
+        if mode == "auto":
+            from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+            return isinstance(grid, InMemoryGrid)
+        return mode == "assign"
 
     def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Seeded sampling: the same config and seed sample the same clients each round."""
@@ -246,7 +327,7 @@ class LoraStrategy(Strategy):
             log(INFO, "waiting for nodes: %d connected, need %d", len(nodes), fed.min_clients)
             time.sleep(1.0)
         self.discover_clients(grid)
-        nodes = sorted(nodes, key=lambda n: self.node_clients[n])
+        nodes = sorted((n for n in nodes if n in self.node_clients), key=lambda n: self.node_clients[n])
         sampler = rng(self.experiment.seed, "sample", server_round)
         size = fed.sample_size(len(nodes))
         if self.fleet is not None:  # only devices that take part this round can be sampled
@@ -289,12 +370,19 @@ class LoraStrategy(Strategy):
                         ClientKey.STATUS: Status.FAILED, ClientKey.REASON: reason,
                         ClientKey.DEVICE: self.fleet.device(client_id).name, ClientKey.SIM_SECONDS: 0.0})
                     continue
-            payload = state_to_record(self.client_payload(state, client_id, rank))
-            request = ConfigRecord({**dict(config), **self.train_request(client_id, server_round, rank).to_config()})
+            sent_state = self.client_payload(state, client_id, rank)
+            fed = self.experiment.federation
+            payload = state_to_record(sent_state, fed.transport_down)  # bytes_down: the encoded size
+            if fed.transport_down != "fp32":  # the client starts from what it decodes
+                sent_state = record_to_state(payload, fed.transport_down)
+            train_request = dataclasses.replace(self.train_request(client_id, server_round, rank),
+                                                transport_down=fed.transport_down, transport_up=fed.transport_up,
+                                                error_feedback=fed.error_feedback)
+            request = ConfigRecord({**dict(config), **train_request.to_config()})
             messages.append(Message(RecordDict({ARRAYS: payload, CONFIG: request}),
                                     dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
-            self._sent[node] = _Sent(client_id, rank, time.time(), payload.count_bytes())
+            self._sent[node] = _Sent(client_id, rank, time.time(), payload.count_bytes(), sent_state)
         log(INFO, "configure_train: round %d, %d clients, ranks %s", server_round, len(messages),
             sorted({s.rank for s in self._sent.values()}))
         return messages
@@ -327,12 +415,18 @@ class LoraStrategy(Strategy):
             log(WARNING, "round %d: client %d failed: %s", server_round, sent.client_id, reply.error.reason)
             return rec, None
         try:
-            decoded = self.decoder.decode(reply, sent.client_id, sent.rank)
+            decoded = self.decoder.decode(reply, sent.client_id, sent.rank, self.experiment.federation.transport_up)
         except (ValueError, RecordError, KeyError, TypeError) as exc:
             rec.update({ClientKey.STATUS: Status.REJECTED, ClientKey.REASON: str(exc)})
             log(WARNING, "round %d: rejected update of client %d: %s", server_round, sent.client_id, exc)
             return rec, None
         update, m = decoded.update, self._bounded(decoded.metrics)
+        cap = self.examples_cap(sent.client_id)
+        if cap is not None and update.num_examples > cap:
+            log(WARNING, "round %d: client %d claimed %d examples; capped at %d", server_round, sent.client_id,
+                update.num_examples, cap)
+            rec[ClientKey.CLAIMED_EXAMPLES] = update.num_examples
+            update.num_examples = cap
         if decoded.masks is not None:
             self.client_masks[sent.client_id] = decoded.masks
         rec.update({ClientKey.STATUS: Status.OK, ClientKey.TRAIN_LOSS: update.train_loss,
@@ -383,6 +477,56 @@ class LoraStrategy(Strategy):
                                    loss_end=m.loss_end if math.isfinite(m.loss_end) else math.nan,
                                    prune_ratio=fraction(m.prune_ratio), param_sparsity=fraction(m.param_sparsity))
 
+    def examples_cap(self, client_id: int) -> int | None:
+        """The most examples a client may claim: ``defense.max_examples``, else its partition's size."""
+        if self.experiment.defense.max_examples > 0:
+            return self.experiment.defense.max_examples
+        if self.partition_size is None:
+            return None
+        if client_id not in self._partition_sizes:
+            self._partition_sizes[client_id] = int(self.partition_size(client_id))
+        return self._partition_sizes[client_id]
+
+    def bound_updates(self, server_round: int, updates: list[ClientUpdate],
+                      records: dict[int, dict[str, Any]]) -> list[ClientUpdate]:
+        """Clip or reject updates that move the model further than ``[defense]`` allows.
+
+        An update's size is the L2 norm of its parameter change: its trained factors minus the
+        factors it was sent (A and B of every module; a frozen A adds nothing) and, separately,
+        its head minus the global head, computed in float64 (finite for any finite float32
+        input). Each is bounded by ``norm_multiple`` x the round's median and by ``norm_cap``;
+        a clipped update's change is scaled onto the bound (exact clipping in parameter space, as
+        DP-FedAvg does; McMahan et al., ICLR 2018), which also bounds its ``||B A||_F``. With
+        ``on_excess = "reject"`` the update is dropped instead. Honest updates of one round have
+        norms of one order, so the median bound keeps them whole when most clients are honest.
+        """
+        d = self.experiment.defense
+        if not updates or (d.norm_multiple <= 0 and d.norm_cap <= 0):
+            return updates
+        sent = {s.client_id: s.payload for s in self._sent.values() if s.payload is not None}
+        norms = [_change_norms(u, sent.get(u.client_id), self.current) for u in updates]
+        kept = []
+        bounds = [_bound([n[i] for n in norms], d.norm_multiple, d.norm_cap) for i in (0, 1)]
+        for u, (adapter_norm, head_norm) in zip(updates, norms):
+            rec = records.get(u.client_id, {})
+            rec[ClientKey.UPDATE_NORM], rec[ClientKey.HEAD_NORM] = round(adapter_norm, 6), round(head_norm, 6)
+            over = [(what, n, b) for what, n, b in (("adapter", adapter_norm, bounds[0]), ("head", head_norm, bounds[1]))
+                    if b is not None and n > b]
+            if not over:
+                kept.append(u)
+                continue
+            what = "; ".join(f"{w} change {n:.4g} above the bound {b:.4g}" for w, n, b in over)
+            if d.on_excess == "reject":
+                rec.update({ClientKey.STATUS: Status.REJECTED, ClientKey.REASON: what})
+                log(WARNING, "round %d: rejected update of client %d: %s", server_round, u.client_id, what)
+                continue
+            scales = [1.0 if bounds[i] is None or norms_i <= bounds[i] else bounds[i] / norms_i
+                      for i, norms_i in enumerate((adapter_norm, head_norm))]
+            kept.append(_clipped(u, sent.get(u.client_id), self.current, *scales))
+            rec[ClientKey.CLIP_SCALE] = round(min(scales), 6)
+            log(WARNING, "round %d: clipped update of client %d: %s", server_round, u.client_id, what)
+        return kept
+
     def deploy_rank(self, client_id: int) -> int:
         """The rank a device is deployed at: the rank of its last accepted round (no new policy draw)."""
         return self.trained_rank.get(client_id, self.experiment.lora.rank_for(client_id))
@@ -414,6 +558,8 @@ class LoraStrategy(Strategy):
                                 ClientKey.RANK: sent.rank, ClientKey.STATUS: Status.FAILED,
                                 ClientKey.REASON: "no reply before the round timeout"})
         records += self._prefailed
+        by_client = {r[ClientKey.CLIENT_ID]: r for r in records}
+        updates = self.bound_updates(server_round, sorted(updates, key=lambda u: u.client_id), by_client)
         if self.clock is not None:
             self.clock.advance(server_round, records)
         records = sorted(records, key=lambda r: r[ClientKey.CLIENT_ID])

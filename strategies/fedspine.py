@@ -11,7 +11,12 @@ be computed (a missing time or loss) is skipped with a warning on the ``fedtune.
 Policies that have ``observe(speeds)`` also get the round's finished clients'
 :class:`fedtune.fleet.policies.Speed` (FLOP/s and bytes/s on a simulated fleet, else seconds;
 S-UCB pools its statistics by that arm-normalised speed); a policy without ``observe`` is
-not asked. The policy's state is saved with every checkpoint.
+not asked. Two more hooks are optional too: ``begin_round(round, clients)`` is called with the
+round's sampled clients before any of them is assigned, ``observe_round(round, records)`` after
+the rewards with the round's client records (each carries its ``arm``); the cost-aware
+``cost-ucb`` uses both. A registered policy's ``CONFIG_KEYS`` name ``[policy]`` keys it is given
+(``cost-ucb``: ``round_time_bound``, ``round_time_bound_s``). The policy's state is saved with
+every checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fedtune.fleet.policies import (
     Speed,
     StaticPolicy,
     make_policy,
+    policy_options,
 )
 from fedtune.fleet.rewards import Outcome, round_rewards
 from fedtune.lora.factors import ClientUpdate, Factors, GlobalAdapter
@@ -65,6 +71,7 @@ def build_policy(experiment: ExperimentConfig) -> Any:
             raise ConfigError(f"policy.args.arms: no arm for device class {missing[0]!r}")
         return StaticPolicy({k: Arm(float(v[0]), int(v[1])) for k, v in arms.items()},
                             dict(enumerate(classes)), seed=experiment.seed)
+    kwargs = {**policy_options(spec, pc), **kwargs}
     try:
         return make_policy(spec, ratios=list(pc.ratios), ranks=list(pc.ranks), seed=experiment.seed, **kwargs)
     except KeyError:
@@ -86,6 +93,14 @@ class FedSpine(LoraStrategy):
         self.policy = build_policy(experiment)
         self.arms: dict[tuple[int, int], Arm] = {}
         self.sparsity: dict[int, float] = {}  # latest sparsity each client reached
+
+    def sample_nodes(self, grid: Any, server_round: int) -> list[int]:
+        """The base class's seeded sample; a policy with ``begin_round`` is told the round's clients."""
+        nodes = super().sample_nodes(grid, server_round)
+        begin = getattr(self.policy, "begin_round", None)
+        if callable(begin):
+            begin(server_round, [self.node_clients[n] for n in nodes])
+        return nodes
 
     def arm(self, client_id: int, server_round: int) -> Arm:
         key = (server_round, client_id)
@@ -132,6 +147,9 @@ class FedSpine(LoraStrategy):
         speeds = {r[K.CLIENT_ID]: Speed.from_record(r) for r in records if r[K.STATUS] == Status.OK}
         if callable(observe) and speeds:
             observe(speeds)
+        observe_round = getattr(self.policy, "observe_round", None)  # optional: the round's records, with arms
+        if callable(observe_round):
+            observe_round(server_round, records)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "policy": self.policy.state_dict(),

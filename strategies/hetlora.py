@@ -27,7 +27,9 @@ from strategies.base import LoraStrategy
 
 
 def product_norm(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||B A||_F`` via ``trace((A A^T)(B^T B))``: (r, r) work only."""
+    """``||B A||_F`` via ``trace((A A^T)(B^T B))``: (r, r) work only, in float64 (finite for any
+    finite float32 factors, so the weights never fall back on NaN)."""
+    a, b = a.double(), b.double()
     value = torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0.0)
     return float(value.sqrt())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fedtune.core.config import ConfigError, ExperimentConfig
@@ -14,7 +15,9 @@ from strategies.fedspine import FedSpine
 from strategies.ffalora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.geomedian import GeometricMedian
 from strategies.hetlora import HetLoRA
+from strategies.trimmed_mean import TrimmedMean
 
 __all__ = ["STRATEGIES", "register_strategy", "strategy_class", "build_strategy"]
 
@@ -31,7 +34,7 @@ def register_strategy(name: str, cls: type[LoraStrategy]) -> type[LoraStrategy]:
     return cls
 
 
-for _cls in (FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA, FedSpine):
+for _cls in (FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA, FedSpine, TrimmedMean, GeometricMedian):
     register_strategy(_cls.name, _cls)
 
 
@@ -41,12 +44,13 @@ def strategy_class(spec: str) -> type[LoraStrategy]:
 
 
 def build_strategy(experiment: ExperimentConfig, *, structure: list[LayerStructure] | None = None,
-                   fleet: FleetSimulator | None = None) -> LoraStrategy:
-    """The configured strategy with its collaborators: the model's prunable ``structure`` and the
-    simulated ``fleet`` (each None when not used)."""
+                   fleet: FleetSimulator | None = None,
+                   partition_size: Callable[[int], int] | None = None) -> LoraStrategy:
+    """The configured strategy with its collaborators: the model's prunable ``structure``, the
+    simulated ``fleet`` and the size of each client's assigned partition (each None when not used)."""
     cls = strategy_class(experiment.federation.strategy)
     args: dict[str, Any] = dict(experiment.federation.strategy_args)
     try:
-        return cls(experiment, structure=structure, fleet=fleet, **args)
+        return cls(experiment, structure=structure, fleet=fleet, partition_size=partition_size, **args)
     except TypeError as exc:
         raise ConfigError(f"federation.strategy_args: {cls.__name__} rejected {sorted(args)}: {exc}") from exc

@@ -45,3 +45,27 @@ def test_strategies_command_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("fedit", "hetlora", "flexlora", "flora", "ffalora"):
         assert name in out
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedtune {version('fedtune')}"
+
+
+@pytest.mark.parametrize("command", ["simulate", "deploy"])
+def test_the_run_directory_is_checked_before_anything_starts(command, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main([command, "--config", SMOKE, "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == f"fedtune: error: --resume: no checkpoint in {out}"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert main([command, "--config", SMOKE, "--out", str(out)]) == 2
+    assert "not empty (a run is there); pass --resume to continue it or --force" in capsys.readouterr().err
+    # --force passes the check: the next one (the strategy, in the preflight) is what stops this run
+    assert main([command, "--config", SMOKE, "--out", str(out), "--force", "--strategy", "fedmagic"]) == 2
+    assert "federation.strategy: unknown name 'fedmagic'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]

@@ -150,3 +150,75 @@ def test_deployed_nodes_declare_their_device_and_availability_can_be_real():
         "model.name=\"tiny-bert\"", "federation.num_clients=3", "fleet.devices.jetson-tx2=3",
         "fleet.simulate_availability=false"]), base.model, model_structure(base.model))
     assert all(real.available(0, r) for r in rounds)  # ... unless the deployment's nodes are real
+
+
+HIDDEN = ["fleet.hidden_compute=[0.5, 1.0]", 'fleet.hidden_compute_draw="choice"', "fleet.hidden_link=[0.25, 4.0]",
+          "fleet.drift_fraction=0.3", "fleet.drift_every=4"]
+
+
+def test_hidden_heterogeneity_is_off_by_default_and_drawn_from_the_seed():
+    import numpy as np
+
+    from fedtune.core.config import load_config
+    from fedtune.fleet.hidden import HiddenSpec, HiddenSpeeds
+
+    assert HiddenSpeeds.from_config(load_config(None, []).fleet, 0, 80) is None  # the class-determined fleet
+    fleet = load_config(None, HIDDEN).fleet
+    a, b, other = (HiddenSpeeds.from_config(fleet, s, 2000) for s in (7, 7, 8))
+    assert set(np.unique(a.compute_base)) == {0.5, 1.0}  # "choice": one of the listed values
+    assert 0.25 <= a.link_base.min() and a.link_base.max() <= 4.0
+    assert np.mean(a.link_base < 1.0) == pytest.approx(0.5, abs=0.05)  # log-uniform: as many below x1 as above
+    assert np.array_equal(a.link_base, b.link_base) and not np.array_equal(a.link_base, other.link_base)
+    assert len(a.drifting) == 600  # 30% of 2,000 drift; per device: two floats and, if drifting, a state
+    assert a.compute_base.nbytes + a.link_base.nbytes == 2000 * 16
+    # the Markov chain: all normal in the first period, constant within a period, deterministic in any order
+    assert (a.states(1) == 0).all() and (a.states(4) == 0).all()
+    assert np.array_equal(a.states(9), a.states(12)) and not np.array_equal(a.states(9), a.states(13))
+    fresh = HiddenSpeeds(HiddenSpec.from_config(fleet), 7, 2000)
+    assert np.array_equal(fresh.states(40), a.states(40))
+    moved = a.states(40)
+    assert (moved[np.setdiff1d(np.arange(2000), a.drifting)] == 0).all()
+    assert 0.5 < np.mean(moved[a.drifting] > 0) < 0.8  # two of three states are degraded at equilibrium
+    d = int(a.drifting[np.argmax(moved[a.drifting] > 0)])
+    cm, lm = a.multipliers(40)
+    assert (cm[d], lm[d]) == (a.compute(d, 40), a.link(d, 40))
+    assert a.state(d, 40) in ("background-load", "congested-link")
+    assert (a.compute(d, 40), a.link(d, 40)) in ((a.compute_base[d] * 0.5, a.link_base[d]),
+                                                 (a.compute_base[d], a.link_base[d] * 0.25))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("fleet.hidden_link=[4.0, 0.25]", "fleet.hidden_link: a log-uniform draw needs"),
+    ("fleet.hidden_compute=[0.0, 1.0]", "fleet.hidden_compute: multipliers must be positive"),
+    ('fleet.hidden_link_draw="uniform"', "fleet.hidden_link_draw: must be one of"),
+    ("fleet.drift_fraction=1.5", "fleet.drift_fraction"),
+    ("fleet.drift_fraction=0.2", "fleet.drift_every"),
+    ("fleet.drift_states={slow = [0.5]}", "fleet.drift_states.slow"),
+])
+def test_bad_hidden_heterogeneity_settings_name_the_key(override, needle):
+    from fedtune.core.config import load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_hidden_multipliers_change_the_charged_seconds_not_the_device_class():
+    from fedtune.core.config import load_config
+    from fedtune.fleet.clock import FleetSimulator
+    from fedtune.models.loading import cached_base_model
+
+    base_args = ["model.name=\"tiny-bert\"", "federation.num_clients=6", "fleet.devices.jetson-tx2=6"]
+    plain_cfg, hidden_cfg = load_config(None, base_args), load_config(None, base_args + HIDDEN)
+    base = cached_base_model(plain_cfg.model, plain_cfg.seed)
+    structure = model_structure(base.model)
+    plain = FleetSimulator.from_config(plain_cfg, base.model, structure)
+    hidden = FleetSimulator.from_config(hidden_cfg, base.model, structure)
+    assert plain.hidden is None and hidden.hidden is not None
+    work = dict(rank=4, masks=None, steps=5, tokens=5 * 16 * 32, bytes_down=2_000_000, bytes_up=2_000_000)
+    for client in range(6):
+        for rnd in (1, 9):
+            a, b = plain.cost(client, rnd, **work), hidden.cost(client, rnd, **work)
+            assert hidden.device(client).name == plain.device(client).name == "jetson-tx2"
+            assert b.compute_s == pytest.approx(a.compute_s / hidden.hidden.compute(client, rnd))
+            assert b.comm_s == pytest.approx(a.comm_s / hidden.hidden.link(client, rnd))
+            assert b.flops == a.flops and b.peak_mem_gb == a.peak_mem_gb

@@ -45,6 +45,9 @@ CASES = [
     ("ffalora", {}),
     ("fedspine", {"aggregation": "flexlora"}),
     ("fedspine", {"aggregation": "hetlora"}),
+    ("trimmed-mean", {"trim": 0.25}),
+    ("geomedian", {}),
+    ("geomedian", {"global_rank": 10}),
 ]
 
 
@@ -108,7 +111,36 @@ def make_case(name, options, gen, prune=True):
     return strat, state, updates
 
 
+def dense_weiszfeld(updates, iterations=3000):
+    """Geometric-median weights of the clients' dense products (every module), from the mean."""
+    x = torch.stack([torch.cat([(u.factors[m][1] @ u.factors[m][0]).reshape(-1) for m in SHAPES]) for u in updates])
+    z = x.mean(0)
+    for _ in range(iterations):
+        d = (x - z).norm(dim=1).clamp_min(1e-12)
+        w = 1 / d
+        z = (w[:, None] * x).sum(0) / w.sum()
+    beta = torch.linalg.lstsq(x.T, z[:, None]).solution.reshape(-1)
+    return [float(b) for b in beta]
+
+
+def trimmed_reference(parts, held, current, trim):
+    """Per coordinate: the holders' values, sorted, the floor(trim * holders) largest and smallest
+    dropped, the rest averaged; the current value where nobody holds it."""
+    import math
+
+    out = current.clone()
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in out.shape]):
+        idx = tuple(int(i) for i in idx)
+        xs = sorted(float(p[idx]) for p, h in zip(parts, held) if h[idx])
+        if xs:
+            cut = min(math.floor(trim * len(xs)), (len(xs) - 1) // 2)
+            out[idx] = sum(xs[cut:len(xs) - cut]) / (len(xs) - 2 * cut)
+    return out
+
+
 def rule_weights(rule, updates, m):
+    if rule == "geomedian":
+        return dense_weiszfeld(updates)
     if rule == "hetlora":  # HetLoRA: ||B_k A_k||_F (dense here)
         return [torch.linalg.matrix_norm(u.factors[m][1] @ u.factors[m][0]).item() for u in updates]
     return [float(u.num_examples) for u in updates]  # the others: example counts
@@ -159,9 +191,21 @@ def test_each_coordinate_is_the_rules_weighted_mean_over_its_holders(name, optio
             torch.testing.assert_close(new.adapter[m][0].double(), a_ref, atol=1e-6, rtol=1e-6, msg=f"{m}: A")
             torch.testing.assert_close(new.adapter[m][1].double(), b_ref, atol=1e-6, rtol=1e-6, msg=f"{m}: B")
             continue
+        if rule == "trimmed-mean":
+            r = strat.global_rank
+            parts = [pad_factors(*u.factors[m], r) for u in updates]
+            held_a = [torch.tensor([[c < u.rank and (HOW.get(m) != "cols" or holds(k, m, 0, j)) for j in range(SHAPES[m][1])]
+                                    for c in range(r)]) for k, u in enumerate(updates)]
+            held_b = [torch.tensor([[c < u.rank and (HOW.get(m) != "rows" or holds(k, m, i, 0)) for c in range(r)]
+                                    for i in range(SHAPES[m][0])]) for k, u in enumerate(updates)]
+            a_ref = trimmed_reference([a for a, _ in parts], held_a, state.adapter[m][0], 0.25)
+            b_ref = trimmed_reference([b for _, b in parts], held_b, state.adapter[m][1], 0.25)
+            torch.testing.assert_close(new.adapter[m][0].double(), a_ref, atol=1e-6, rtol=1e-6, msg=f"{m}: A")
+            torch.testing.assert_close(new.adapter[m][1].double(), b_ref, atol=1e-6, rtol=1e-6, msg=f"{m}: B")
+            continue
         products = [u.factors[m][1] @ u.factors[m][0] for u in updates]  # what each client's model moved
         ref = dense_reference(m, products, weights)
-        if rule == "flexlora":
+        if rule in ("flexlora", "geomedian"):
             ref = truncated(ref, strat.global_rank)
             got = new.adapter[m][1] @ new.adapter[m][0]
         elif rule == "flora":  # merged into the frozen part; the adapter restarts at B = 0
@@ -212,8 +256,10 @@ def test_without_masks_the_rules_are_unchanged(name, gen):
             torch.testing.assert_close(new.adapter[m][0].double(), a, atol=1e-12, rtol=1e-12)
             torch.testing.assert_close(new.adapter[m][1].double(), b, atol=1e-12, rtol=1e-12)
             continue
+        if rule == "trimmed-mean":  # covered against its own reference above
+            continue
         dense = sum(w / total * (u.factors[m][1] @ u.factors[m][0]) for w, u in zip(weights, updates))
-        if rule == "flexlora":
+        if rule in ("flexlora", "geomedian"):
             got, dense = new.adapter[m][1] @ new.adapter[m][0], truncated(dense, strat.global_rank)
         else:
             got = new.delta(m)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,10 @@ def test_methods_differ_where_the_issue_says():
     ("local_steps = 4", "local_step = 4", "local_step"),
     ('metric = "eval_accuracy"', 'metric = "acc"', "metric: 'eval_accuracy' or 'eval_perplexity', got 'acc'"),
     (", jetson-agx-xavier = 4 }", " }", "class_ranks: no rank for device class 'jetson-agx-xavier'"),
+    ("tuning_seeds = [2]", "tuning_seeds = [1, 2]", "tuning_seeds: must be disjoint from the evaluation seeds"),
+    ("tuning_seeds = [2]", "tuning_seeds = []", "tuning_seeds: best-static is tuned on them"),
+    ('baseline = "best-static"', 'baseline = "fedit"', "baseline: 'fedit' is not one of the methods"),
+    ('baseline = "best-static"\n', "", "missing key 'baseline'"),
 ])
 def test_a_bad_setting_names_the_key(tmp_path, old, new, message):
     import reproduce
@@ -62,6 +67,36 @@ def test_a_bad_setting_names_the_key(tmp_path, old, new, message):
     bad.write_text(text.replace(old, new))
     with pytest.raises(SystemExit, match=message):
         reproduce.load_setting(bad)
+
+
+def test_best_static_is_chosen_on_the_tuning_seeds_only(tmp_path):
+    import reproduce
+
+    s = reproduce.load_setting(ROOT / "simulations" / "reproduce_smoke.toml")
+    s["target"] = 0.7
+    s["comparison"] = replace(s["comparison"], target=0.7)
+
+    def run(name: str, seed: int, accs: list[float]) -> None:
+        d = tmp_path / "smoke" / name / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"round": i, "sim_time_s": 10.0 * i, "eval_accuracy": a})
+                                                 + "\n" for i, a in enumerate(accs)))
+        (d / "summary.json").write_text("{}")
+
+    # on the tuning seed 2, static-r4 sustains 0.7 first; on evaluation seed 0 (never read) static-r2 would
+    run("static-r2", 2, [0.5, 0.6, 0.7, 0.75])
+    run("static-r4", 2, [0.5, 0.75, 0.75, 0.75])
+    run("static-r2", 0, [0.9, 0.9, 0.9, 0.9])
+    assert reproduce.best_static(s, tmp_path) == "static-r4"
+    # reaching it beats a shorter run that never does
+    run("static-r2", 3, [0.5, 0.5])
+    run("static-r4", 3, [0.5, 0.6, 0.6, 0.6, 0.7, 0.7])
+    s["comparison"] = replace(s["comparison"], tuning_seeds=(3,))
+    assert reproduce.best_static(s, tmp_path) == "static-r4"  # r2: censored at 10 s, r4: reached at 50 s
+    s["comparison"] = replace(s["comparison"], tuning_seeds=(2,))
+    # neither reaches it: both censored at the horizon, the better final accuracy wins
+    s["comparison"] = replace(s["comparison"], target=0.99)
+    assert reproduce.best_static(s, tmp_path) == "static-r4"
 
 
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path):
@@ -75,29 +110,38 @@ def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "report"
     cmd = [sys.executable, "simulations/reproduce.py", "--settings", "simulations/reproduce_smoke.toml",
            "--runs-dir", str(runs), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "8 runs" in proc.stdout and "smoke/fedspine/seed1" in proc.stdout  # progress bar names the run
     summary = json.loads((out / "summary.json").read_text())
     setting = summary["settings"]["smoke"]
-    assert set(setting["methods"]) == {"fedspine", "flexlora", "best-static"}
+    assert list(setting["methods"]) == ["best-static", "fedspine", "flexlora"]  # the baseline first
+    assert setting["baseline"] == "best-static" and setting["sustain_k"] == 2 and setting["final_window"] == 2
+    assert not setting["target_declared"] and setting["eval_size"] == 64 and setting["tuning_seeds"] == [2]
+    assert setting["metric"] == "masked_eval_accuracy"  # pruning runs: measured under the devices' masks
     assert set(setting["grid"]) == {"static-r2", "static-r4"}
+    assert all(g["seeds"] == [2] for g in setting["grid"].values())  # tuned on the tuning seed only
     chosen = setting["methods"]["best-static"]["chosen"]
     assert chosen in setting["grid"]
     for m in setting["methods"].values():
-        assert m["seeds"] == 2
-        assert 0.0 <= m["final_masked_accuracy"] <= 1.0  # pruning runs: measured under the devices' masks
+        assert m["seeds"] == [0, 1] and m["n_seeds"] == 2 and m["baseline"] == "best-static"
+        assert 0.0 <= m["final_metric"] <= 1.0 and 0 <= m["censored"] <= 2
         assert m["deployed_sparsity"]["mean"] == pytest.approx(setting["methods"]["fedspine"]["deployed_sparsity"]["mean"])
-        assert "speedup_vs_best_baseline" in m and "time_to_target_s" in m
+        assert {"speedup_geomean", "speedup_ci95", "final_metric_diff_ci95"} <= set(m)
         assert m["bytes_sent_mb"]["mean"] > 0
-    # the best-static's first seed is the chosen grid run, reused
+    fs = setting["methods"]["fedspine"]
+    assert fs["speedup_seeds"] == [0, 1] and fs["speedup_geomean"] > 0
+    assert fs["speedup_ci95"][0] <= fs["speedup_geomean"] <= fs["speedup_ci95"][1]
+    # the best static ran fresh on the evaluation seeds; the grid never ran on them
     first = json.loads((runs / "smoke" / "best-static" / "seed0" / "experiment.json").read_text())
-    assert first["method"] == "best-static" and first["chosen"] == chosen
+    assert first["method"] == "best-static" and first["chosen"] == chosen and first["baseline"] == "best-static"
+    assert not (runs / "smoke" / chosen / "seed0").exists()
     table = (out / "table.md").read_text()
-    assert "| fedspine |" in table and f"| best-static ({chosen}) |" in table and "FedSpine: speed-up" in table
+    assert "| fedspine | 2 |" in table and f"| best-static ({chosen}) | 2 |" in table
+    assert "speed-up vs best-static" in table and "/2 censored" in table
     for png in setting["plots"]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert {"smoke-accuracy.png", "smoke-arms.png", "smoke-trajectories.png"} <= set(setting["plots"])
+    assert {"smoke-curves.png", "smoke-time-to-target.png", "smoke-trajectories.png"} <= set(setting["plots"])
 
     # a second call finds every run done and only reports again; a removed run is redone
     import shutil

@@ -9,6 +9,8 @@ raises :class:`ConfigError` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 import types
 import typing
@@ -18,7 +20,7 @@ from typing import Any
 
 import tomli_w
 
-__all__ = ["ConfigError", "ModelConfig", "LoraSettings", "DataConfig", "TrainConfig", "FederationConfig", "PruneConfig", "FleetConfig", "PolicyConfig", "SimulationConfig", "ExperimentConfig", "load_config", "config_from_dict", "config_to_dict", "config_to_toml", "parse_overrides"]
+__all__ = ["ConfigError", "ModelConfig", "LoraSettings", "DataConfig", "TrainConfig", "FederationConfig", "PruneConfig", "FleetConfig", "PolicyConfig", "SimulationConfig", "ExperimentConfig", "load_config", "config_from_dict", "ray_host_port", "config_to_dict", "config_to_toml", "parse_overrides"]
 
 
 class ConfigError(ValueError):
@@ -87,9 +89,9 @@ class LoraSettings:
         for r in [*self.ranks, *self.rank_overrides.values()]:
             if not isinstance(r, int) or r < 1:
                 raise ConfigError(f"lora.ranks: every rank must be a positive integer, got {r!r}")
-        for key in self.rank_overrides:
-            if not key.isdigit():
-                raise ConfigError(f"lora.rank_overrides: key {key!r} is not a client id (integer)")
+        _client_id_keys("lora.rank_overrides", self.rank_overrides)
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"lora.alpha: must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
 
@@ -143,10 +145,9 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_batch_size", self.eval_batch_size)
         _positive("train.num_threads", self.num_threads)
-        if self.logit_adjustment < 0:
-            raise ConfigError(f"train.logit_adjustment: must be >= 0, got {self.logit_adjustment}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate: must be > 0, got {self.learning_rate}")
+        _non_negative("train.logit_adjustment", self.logit_adjustment)
+        _positive("train.learning_rate", self.learning_rate)
+        _non_negative("train.weight_decay", self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -166,9 +167,24 @@ class FederationConfig:
     # reports measure time to target on it. 0 = off
     masked_eval_clients: int = 3
     masked_eval_panel: list[int] = field(default_factory=list)  # fixed client ids instead of the sampled ones
+    # how the server learns which client (partition) a node serves: "query" asks every node once
+    # (deployments, where a node holds its own data); "assign" numbers the nodes itself in node-id
+    # order and names the client in each train message (simulation: any virtual node serves any
+    # partition, so clients that are not sampled cost nothing); "auto" = assign on Flower's
+    # simulation engine, query otherwise
+    client_ids: str = "auto"
+    # how adapters travel, per direction (fedtune/lora/transport.py): "fp32", "fp16", "bf16" (as
+    # uint16 bit patterns) or "int8" (per-slice symmetric scales); checkpoints stay fp32
+    transport_down: str = "fp32"  # the server's payloads
+    transport_up: str = "fp32"  # the clients' replies
+    # with a lossy transport_up, a client adds what its last reply could not carry (value minus
+    # decoded value, kept in its node state) to its next reply before encoding
+    error_feedback: bool = True
 
     def __post_init__(self) -> None:
         _positive("federation.num_clients", self.num_clients)
+        for key, codec in (("transport_down", self.transport_down), ("transport_up", self.transport_up)):
+            _one_of(f"federation.{key}", codec, ("fp32", "fp16", "bf16", "int8"))
         if self.num_rounds < 0:
             raise ConfigError(f"federation.num_rounds: must be >= 0, got {self.num_rounds}")
         if self.clients_per_round < 0 or self.clients_per_round > self.num_clients:
@@ -184,9 +200,14 @@ class FederationConfig:
         _positive("federation.min_replies", self.min_replies)
         if self.masked_eval_clients < 0:
             raise ConfigError(f"federation.masked_eval_clients: must be >= 0, got {self.masked_eval_clients}")
+        _one_of("federation.client_ids", self.client_ids, ("auto", "query", "assign"))
         bad = [c for c in self.masked_eval_panel if not 0 <= c < self.num_clients]
         if bad:
             raise ConfigError(f"federation.masked_eval_panel: client {bad[0]} is not in [0, num_clients={self.num_clients})")
+        per_round = self.sample_size(self.num_clients)
+        if self.min_replies > per_round:
+            raise ConfigError(f"federation.min_replies: must be <= the {per_round} clients sampled per round"
+                              f" (clients_per_round, fraction_train, min_clients), got {self.min_replies}")
 
     def sample_size(self, available: int) -> int:
         n = self.clients_per_round or int(available * self.fraction_train)
@@ -217,9 +238,7 @@ class PruneConfig:
                                                        for k, v in self.ratio_overrides.items())]:
             if not 0.0 <= r < 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1), got {r}")
-        for key in self.ratio_overrides:
-            if not key.isdigit():
-                raise ConfigError(f"prune.ratio_overrides: key {key!r} is not a client id (integer)")
+        _client_id_keys("prune.ratio_overrides", self.ratio_overrides)
         _positive("prune.interval", self.interval)
         if self.recovery_steps < 0:
             raise ConfigError(f"prune.recovery_steps: must be >= 0, got {self.recovery_steps}")
@@ -250,11 +269,49 @@ class FleetConfig:
     # simulate each device's availability (a profile's probability of taking part in a round);
     # turn off on a real deployment, where a node takes part when it is connected
     simulate_availability: bool = True
+    # hidden heterogeneity (fedtune/fleet/hidden.py): per-device multipliers on compute and link
+    # speed that no profile shows, drawn from the run's seed; [] = off (the class-determined fleet).
+    # "log-uniform" reads [low, high] as a range, "choice" picks one of the listed values
+    hidden_compute: list[float] = field(default_factory=list)  # e.g. [0.5, 1.0] with "choice"
+    hidden_compute_draw: str = "log-uniform"
+    hidden_link: list[float] = field(default_factory=list)  # e.g. [0.25, 4.0]
+    hidden_link_draw: str = "log-uniform"
+    # drift: this fraction of the devices switches between states (a Markov chain from "normal")
+    # every drift_every rounds, keeping its state with probability drift_stay; a state is
+    # [compute multiplier, link multiplier]
+    drift_fraction: float = 0.0
+    drift_every: int = 0
+    drift_stay: float = 0.5
+    drift_states: dict[str, list[float]] = field(
+        default_factory=lambda: {"background-load": [0.5, 1.0], "congested-link": [1.0, 0.25]})
 
     def __post_init__(self) -> None:
-        if self.deadline_s < 0:
-            raise ConfigError(f"fleet.deadline_s: must be >= 0, got {self.deadline_s}")
+        for dev, count in self.devices.items():
+            if count < 0:
+                raise ConfigError(f"fleet.devices.{dev}: a device count must be >= 0, got {count}")
+        _non_negative("fleet.deadline_s", self.deadline_s)
         _one_of("fleet.dtype", self.dtype, ("fp32", "fp16", "bf16", "int8"))
+        for key in ("hidden_compute", "hidden_link"):
+            values, draw = getattr(self, key), getattr(self, f"{key}_draw")
+            _one_of(f"fleet.{key}_draw", draw, ("log-uniform", "choice"))
+            if any(not (math.isfinite(v) and v > 0) for v in values):
+                raise ConfigError(f"fleet.{key}: multipliers must be positive numbers, got {values}")
+            if values and draw == "log-uniform" and (len(values) != 2 or values[0] > values[1]):
+                raise ConfigError(f"fleet.{key}: a log-uniform draw needs [low, high] with low <= high,"
+                                  f" got {values}")
+        if not 0.0 <= self.drift_fraction <= 1.0:
+            raise ConfigError(f"fleet.drift_fraction: must be in [0, 1], got {self.drift_fraction}")
+        if self.drift_every < 0 or (self.drift_fraction > 0 and self.drift_every < 1):
+            raise ConfigError(f"fleet.drift_every: must be >= 1 rounds when fleet.drift_fraction > 0,"
+                              f" got {self.drift_every}")
+        if not 0.0 <= self.drift_stay <= 1.0:
+            raise ConfigError(f"fleet.drift_stay: must be in [0, 1], got {self.drift_stay}")
+        for name, state in self.drift_states.items():
+            if len(state) != 2 or any(not (math.isfinite(v) and v > 0) for v in state):
+                raise ConfigError(f"fleet.drift_states.{name}: need [compute multiplier, link multiplier],"
+                                  f" both positive, got {state}")
+        if self.drift_fraction > 0 and not self.drift_states:
+            raise ConfigError("fleet.drift_states: drifting devices need at least one state besides normal")
 
 
 @dataclass(frozen=True)
@@ -267,8 +324,17 @@ class PolicyConfig:
     # how much further to prune this round, capped at target_sparsity (every client ends there)
     ratio_mode: str = "target"
     args: dict[str, Any] = field(default_factory=dict)  # policy constructor options
+    # cost-aware policies (cost-ucb) never play an arm predicted to lengthen the round past
+    # max(the round's floor, round_time_bound x the round's median predicted seconds at the cheapest
+    # arms); round_time_bound_s > 0 replaces the multiple with a fixed bound in seconds
+    round_time_bound: float = 1.5
+    round_time_bound_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.round_time_bound) or self.round_time_bound < 1.0:
+            raise ConfigError(f"policy.round_time_bound: must be a multiple >= 1, got {self.round_time_bound}")
+        if not math.isfinite(self.round_time_bound_s) or self.round_time_bound_s < 0:
+            raise ConfigError(f"policy.round_time_bound_s: must be >= 0 seconds, got {self.round_time_bound_s}")
         if not self.ratios or any(not 0.0 <= r < 1.0 for r in self.ratios):
             raise ConfigError(f"policy.ratios: need ratios in [0, 1), got {self.ratios}")
         if not self.ranks or any(r < 1 for r in self.ranks):
@@ -278,25 +344,50 @@ class PolicyConfig:
         _one_of("policy.ratio_mode", self.ratio_mode, ("target", "step"))
 
 
+SIMULATION_BACKENDS = ("ray",)  # Flower's simulation engine has one backend
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     backend: str = "ray"
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     ray_tmpdir: str = "/tmp/fedtune-ray"  # keep short: Ray's socket path must stay < 107 bytes
-    ray_address: str = ""  # attach to a running Ray cluster ("host:port" of `ray start --head`); "" = local
+    # attach to a running Ray cluster: "host:port" of `ray start --head`, "ray://host:port" (Ray
+    # Client) or "auto" (the cluster `ray start` left on this machine); "" = start a local one
+    ray_address: str = ""
+    # how long to wait for ray_address to answer before the run fails (seconds)
+    ray_connect_timeout_s: float = 30.0
     # on a GPU: each device class's share of the GPU (e.g. {jetson-tx2 = 0.1, jetson-agx-xavier = 0.25}):
     # a client of that class trains under that CUDA memory cap; Ray reserves the largest share per worker
     gpu_fraction_by_device: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _one_of("simulation.backend", self.backend, SIMULATION_BACKENDS)
         for dev, f in self.gpu_fraction_by_device.items():
             if not 0.0 < f <= 1.0:
                 raise ConfigError(f"simulation.gpu_fraction_by_device.{dev}: must be in (0, 1], got {f}")
-        if self.num_cpus_per_client <= 0:
-            raise ConfigError(f"simulation.num_cpus_per_client: must be > 0, got {self.num_cpus_per_client}")
-        if self.num_gpus_per_client < 0:
-            raise ConfigError(f"simulation.num_gpus_per_client: must be >= 0, got {self.num_gpus_per_client}")
+        _positive("simulation.num_cpus_per_client", self.num_cpus_per_client)
+        _non_negative("simulation.num_gpus_per_client", self.num_gpus_per_client)
+        if self.ray_address not in ("", "auto", "local") and ray_host_port(self.ray_address) is None:
+            raise ConfigError(f"simulation.ray_address: expected host:port, ray://host:port or auto,"
+                              f" got {self.ray_address!r}")
+        _positive("simulation.ray_connect_timeout_s", self.ray_connect_timeout_s)
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address ``host:port`` or ``ray://host[:port]`` (Ray Client, port
+    10001 by default); None when it is not of either form. IPv6 hosts go in brackets."""
+    client = address.startswith("ray://")
+    rest = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep and client:
+        host, port = rest, "10001"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c.isspace() or c in "/[]" for c in host) or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 FAULT_KINDS = ("raise", "crash", "hang", "nan", "shape", "rank", "missing")
@@ -329,6 +420,43 @@ class FaultConfig:
         return self.clients.get(str(client_id))
 
 
+DEFENSE_ACTIONS = ("clip", "reject")
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """How far one client's update may move the global model (the server's trust boundary).
+
+    Every accepted update's parameter change (its trained LoRA factors minus the factors it was
+    sent, and its task head minus the global head) is measured in L2 norm. An update whose norm
+    exceeds ``norm_multiple`` times the round's median (``0`` = no relative bound) or ``norm_cap``
+    (``0`` = no fixed cap) is clipped to the bound (``on_excess = "clip"``, the update's change
+    scaled down) or rejected (``"reject"``). ``num_examples`` is capped at the size of the
+    partition the server assigned to the client, or at ``max_examples`` when that is above 0.
+    ``max_reply_bytes`` caps an adapter reply's encoded size (``0`` = the expected size at the
+    client's rank plus 64 KiB).
+    """
+
+    norm_multiple: float = 3.0
+    norm_cap: float = 0.0
+    on_excess: str = "clip"
+    max_examples: int = 0
+    max_reply_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("norm_multiple", "norm_cap"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"defense.{key}: must be a finite number >= 0, got {value}")
+        if 0 < self.norm_multiple < 1:
+            raise ConfigError(f"defense.norm_multiple: a bound below the median rejects most clients; use 0 (off)"
+                              f" or >= 1, got {self.norm_multiple}")
+        _one_of("defense.on_excess", self.on_excess, DEFENSE_ACTIONS)
+        for key in ("max_examples", "max_reply_bytes"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"defense.{key}: must be >= 0, got {getattr(self, key)}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
@@ -343,6 +471,7 @@ class ExperimentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     @property
     def prunes(self) -> bool:
@@ -376,6 +505,17 @@ class ExperimentConfig:
                 f"federation.min_clients: {self.federation.min_clients} exceeds"
                 f" federation.num_clients={self.federation.num_clients}"
             )
+        n = self.federation.num_clients
+        for key, table in (("lora.rank_overrides", self.lora.rank_overrides),
+                           ("prune.ratio_overrides", self.prune.ratio_overrides), ("faults.clients", self.faults.clients)):
+            for cid in table:
+                if not 0 <= int(cid) < n:
+                    raise ConfigError(f"{key}.{cid}: no such client (client ids are 0 .. federation.num_clients - 1 ="
+                                      f" {n - 1}), got {cid}")
+        if (not self.name or Path(self.name).is_absolute() or ".." in self.name
+                or any(sep in self.name for sep in ("/", "\\", os.sep))):
+            raise ConfigError(f"name: must be a plain folder name (runs go to runs/<name>-<time>; no path separators"
+                              f" or '..'), got {self.name!r}")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -384,8 +524,23 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}: must be > 0, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}: must be a finite number > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
+
+
+def _client_id_keys(key: str, table: dict[str, Any]) -> None:
+    """The keys of a per-client table are client ids: integers >= 0 (their upper bound,
+    ``federation.num_clients``, is checked by :class:`ExperimentConfig`)."""
+    for cid in table:
+        if cid.startswith("-") and cid[1:].isdigit():
+            raise ConfigError(f"{key}.{cid}: no such client (client ids are >= 0), got {cid}")
+        if not cid.isdigit():
+            raise ConfigError(f"{key}: key {cid!r} is not a client id (an integer >= 0)")
 
 
 def _type_name(tp: Any) -> str:
@@ -486,7 +641,11 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {p}: not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {p}: invalid TOML: {exc}") from exc
 

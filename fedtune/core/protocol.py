@@ -151,11 +151,16 @@ class TrainRequest:
     gpu_fraction: float = 0.0  # the device class's share of the GPU (0 = no cap)
     fault: str | None = None  # injected fault (tests of resilience; fedtune.core.config.FaultConfig)
     hang_s: float = 60.0  # how long a "hang" fault sleeps
+    transport_down: str = "fp32"  # the codec of the adapter in this message (fedtune.lora.transport)
+    transport_up: str = "fp32"  # the codec the reply's adapter must use
+    error_feedback: bool = True  # carry what a lossy reply could not send into the next one
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"server_round": self.server_round, "client_id": self.client_id, "rank": self.rank,
                                "seed": self.seed, "train_a": self.train_a, "gpu_fraction": self.gpu_fraction,
-                               "hang_s": self.hang_s, **self.setup.to_config()}
+                               "hang_s": self.hang_s, "transport_down": self.transport_down,
+                               "transport_up": self.transport_up, "error_feedback": self.error_feedback,
+                               **self.setup.to_config()}
         if self.prune is not None:
             out.update({"prune.target": self.prune.target, "prune.interval": self.prune.interval,
                         "prune.importance": self.prune.importance, "prune.ema": self.prune.ema,
@@ -177,7 +182,10 @@ class TrainRequest:
         return cls(server_round=int(rec["server_round"]), client_id=int(rec["client_id"]), rank=int(rec["rank"]),
                    seed=int(rec["seed"]), setup=ClientSetup.from_config(rec), train_a=bool(rec["train_a"]),
                    prune=prune, gpu_fraction=float(rec.get("gpu_fraction", 0.0)),
-                   fault=str(rec["fault"]) if "fault" in rec else None, hang_s=float(rec.get("hang_s", 60.0)))
+                   fault=str(rec["fault"]) if "fault" in rec else None, hang_s=float(rec.get("hang_s", 60.0)),
+                   transport_down=str(rec.get("transport_down", "fp32")),
+                   transport_up=str(rec.get("transport_up", "fp32")),
+                   error_feedback=bool(rec.get("error_feedback", True)))
 
 
 @dataclass
@@ -294,6 +302,10 @@ class ClientKey:
     PEAK_MEM_GB = "peak_mem_gb"
     REWARD = "reward"  # fedspine: the bandit's reward for this client-round
     ARM = "arm"  # fedspine: {"ratio", "rank"} the bandit played
+    UPDATE_NORM = "update_norm"  # L2 norm of the adapter's change (trained minus sent factors)
+    HEAD_NORM = "head_norm"  # L2 norm of the task head's change
+    CLIP_SCALE = "clip_scale"  # < 1 when the update was clipped to the round's norm bound
+    CLAIMED_EXAMPLES = "claimed_examples"  # the num_examples a client claimed, when it was capped
 
 
 class Status:

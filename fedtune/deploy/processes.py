@@ -34,7 +34,7 @@ from typing import Any
 
 from fedtune.core.config import config_to_toml
 from fedtune.deploy.certificates import generate_certificates, generate_node_keys
-from fedtune.round.outputs import format_progress
+from fedtune.round.outputs import format_progress, read_metrics
 
 __all__ = ["LocalDeployment", "NodeSpec", "flwr_env", "is_worker_process"]
 
@@ -263,7 +263,8 @@ def node_specs(cfg: Any, nodes: int, worker: bool = True) -> list[NodeSpec]:
 
 
 def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool = True, worker: bool = True,
-           resume: bool = False, timeout: float = 3600, say: Any = print) -> tuple[str, LocalDeployment]:
+           resume: bool = False, force: bool = False, timeout: float = 3600,
+           say: Any = print) -> tuple[str, LocalDeployment]:
     """Start the topology, run ``cfg`` on it, stream its progress, stop everything; returns the run status."""
     n = cfg.federation.num_clients
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -274,18 +275,19 @@ def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool 
         f" (TLS {'on' if tls else 'off'}, SuperNode auth {'on' if auth else 'off'},"
         f" {'persistent' if worker else 'per-message'} client workers); logs in {dep.logs}")
     with dep:
-        run_id = dep.start_run({"experiment": str(experiment), "out-dir": str(out.resolve()), "resume": resume})
+        run_id = dep.start_run({"experiment": str(experiment), "out-dir": str(out.resolve()), "resume": resume,
+                                "force": force})
         say(f"[fedtune] run {run_id} submitted; outputs in {out}")
         metrics, status = out / "metrics.jsonl", "unknown"
-        shown = len(metrics.read_text().splitlines()) if resume and metrics.is_file() else 0
+        shown = len(read_metrics(metrics)) if resume and metrics.is_file() else 0
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = dep.status(run_id)
             if metrics.is_file():
-                lines = metrics.read_text().splitlines()
-                for line in lines[shown:]:
-                    say(f"[fedtune] {format_progress(json.loads(line), cfg.federation.num_rounds)}")
-                shown = len(lines)
+                records = read_metrics(metrics)  # a line the server is still writing is left for the next poll
+                for record in records[shown:]:
+                    say(f"[fedtune] {format_progress(record, cfg.federation.num_rounds)}")
+                shown = len(records)
             if status.startswith("finished"):
                 break
             time.sleep(2.0)

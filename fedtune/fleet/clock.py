@@ -4,8 +4,11 @@ its device, who runs out of memory or misses the deadline, and how long a round 
 A synchronous round lasts as long as its slowest surviving client, or the deadline when
 stragglers were dropped. Costs follow :mod:`fedtune.fleet.cost` from the client's actual work
 (steps and tokens it reports, its rank, its pruned shapes, the bytes really sent each
-way). Randomness (availability, speed jitter) is seeded by ``(seed, round, client)``.
-Only the server-side simulator reads device profiles; policies see the outcomes.
+way). Randomness (availability, speed jitter) is seeded by ``(seed, round, client)``. With
+hidden heterogeneity on (``fleet.hidden_*``, ``fleet.drift_*``; :mod:`fedtune.fleet.hidden`) a
+device's charged seconds also carry its hidden compute and link multipliers; its class (the
+``device`` of its records) stays the profile's. Only the server-side simulator reads device
+profiles and hidden multipliers; policies see the outcomes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fedtune.fleet.cost import (
     train_flops,
 )
 from fedtune.fleet.devices import DeviceProfile, build_fleet, load_profiles
+from fedtune.fleet.hidden import HiddenSpeeds
 from fedtune.pruning.structure import LayerStructure, Masks
 
 __all__ = ["Workload", "FleetSimulator", "FleetClock"]
@@ -62,6 +66,7 @@ class FleetSimulator:
     embedding_params: int
     profiles: dict[str, DeviceProfile] = field(default_factory=dict)
     declared: dict[int, DeviceProfile] = field(default_factory=dict)  # device classes nodes declared
+    hidden: HiddenSpeeds | None = None  # hidden multipliers (None: the class-determined fleet)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, model: Any, structure: list[LayerStructure]) -> FleetSimulator:
@@ -69,7 +74,9 @@ class FleetSimulator:
         devices = build_fleet(cfg.fleet.devices, profiles)
         prunable = sum(o * i for shapes in model_shape(model.config, structure).layers for o, i in shapes.values())
         total = sum(p.numel() for p in model.parameters())
-        return cls(Workload.from_config(cfg), devices, model.config, structure, total - prunable, profiles)
+        hidden = HiddenSpeeds.from_config(cfg.fleet, cfg.seed, len(devices))
+        return cls(Workload.from_config(cfg), devices, model.config, structure, total - prunable, profiles,
+                   hidden=hidden)
 
     def declare(self, client_id: int, device: str) -> None:
         """A deployed node's own device class (its ``device`` node config) replaces the mix's."""
@@ -89,8 +96,16 @@ class FleetSimulator:
         return rng(self.work.seed, "availability", server_round, client_id).random() < self.device(client_id).availability
 
     def speed_factor(self, client_id: int, server_round: int) -> float:
+        """The client-round's compute speed multiplier: its profile's jitter times its hidden multipliers."""
         jitter = self.device(client_id).jitter
-        return math.exp(rng(self.work.seed, "speed", server_round, client_id).gauss(0.0, jitter)) if jitter else 1.0
+        factor = math.exp(rng(self.work.seed, "speed", server_round, client_id).gauss(0.0, jitter)) if jitter else 1.0
+        if self.hidden is not None:
+            factor *= self.hidden.compute(client_id, server_round)
+        return factor
+
+    def link_factor(self, client_id: int, server_round: int) -> float:
+        """The client-round's bandwidth multiplier (1 without hidden heterogeneity)."""
+        return self.hidden.link(client_id, server_round) if self.hidden is not None else 1.0
 
     # Costs assume LoRA on every prunable module (lora_modules=None): the conservative, largest estimate.
 
@@ -138,7 +153,8 @@ class FleetSimulator:
         peak = max(self.peak_gb(self.shape(m), rank, batch, seq, self.quantization(client_id, rank, m)) for _, m in parts)
         return client_round_cost(self.device(client_id), flops_per_step=flops / max(steps, 1), steps=max(steps, 1),
                                  bytes_down=bytes_down, bytes_up=bytes_up, peak_bytes=peak * 1e9,
-                                 dtype=self.work.dtype, speed_factor=self.speed_factor(client_id, server_round))
+                                 dtype=self.work.dtype, speed_factor=self.speed_factor(client_id, server_round),
+                                 link_factor=self.link_factor(client_id, server_round))
 
 
 @dataclass

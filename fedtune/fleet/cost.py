@@ -15,7 +15,8 @@ one fp32 absmax per 64 weights), 16 bytes per trainable parameter (fp32 value, g
 AdamW's two moments), and activations kept for the backward pass, estimated per layer as
 ``N (8 H + 2 d_attn + 2 k F) + 2 B heads T^2`` values at 4 bytes (k = 1 or 2 FFN input
 projections), plus 10% for the framework. Time: compute at ``peak x efficiency`` of the
-device, scaled by its per-round speed factor; communication at its link bandwidths.
+device, scaled by its per-round speed factor; communication at its link bandwidths, scaled by
+its link factor (both factors carry the fleet's hidden heterogeneity, :mod:`fedtune.fleet.hidden`).
 """
 
 from __future__ import annotations
@@ -130,11 +131,13 @@ class ClientCost:
 
 
 def client_round_cost(device: DeviceProfile, *, flops_per_step: float, steps: int, bytes_down: int, bytes_up: int,
-                      peak_bytes: float, dtype: str = "fp32", speed_factor: float = 1.0) -> ClientCost:
-    """Simulated seconds and memory of one client-round on ``device``."""
+                      peak_bytes: float, dtype: str = "fp32", speed_factor: float = 1.0,
+                      link_factor: float = 1.0) -> ClientCost:
+    """Simulated seconds and memory of one client-round on ``device``: ``speed_factor`` multiplies its
+    compute speed (per-round jitter, hidden multipliers), ``link_factor`` both its bandwidths."""
     flops = flops_per_step * steps
     compute = flops / (device.peak_flops(dtype) * device.efficiency * speed_factor)
-    comm = 8.0 * bytes_down / (device.downlink_mbps * 1e6) + 8.0 * bytes_up / (device.uplink_mbps * 1e6)
+    comm = (8.0 * bytes_down / (device.downlink_mbps * 1e6) + 8.0 * bytes_up / (device.uplink_mbps * 1e6)) / link_factor
     gb = peak_bytes / 1e9
     return ClientCost(flops=flops, compute_s=compute, comm_s=comm, total_s=compute + comm, peak_mem_gb=gb,
                       oom=gb > device.memory_gb)

@@ -1,9 +1,11 @@
-"""The only place where tensors become Flower records and back.
+"""The only place where adapter states become Flower records and back.
 
 Key scheme inside one ``ArrayRecord`` (flat, so any Flower transport carries it):
 ``adapter::<module>::A``, ``adapter::<module>::B``, ``frozen::<module>::A|B`` and
 ``head::<param name>``. Factors follow :mod:`fedtune.lora.factors` (A (r, in), B (out, r),
-scale folded into B).
+scale folded into B). Every function takes the transport ``codec`` of
+:mod:`fedtune.lora.transport` (``fp32``, the default, is what checkpoints and exported adapters
+hold; the others change how each tensor travels and add key suffixes, see there).
 """
 
 from __future__ import annotations
@@ -12,15 +14,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedtune.lora.factors import Factors, GlobalAdapter
+from fedtune.lora.transport import SEP, RecordError, decode, encode
 
-__all__ = ["RecordError", "state_to_record", "record_to_state", "factors_to_record", "record_to_factors"]
-
-
-SEP = "::"
-
-
-class RecordError(ValueError):
-    """A record does not decode to a well-formed adapter; the message names the key."""
+__all__ = ["RecordError", "SEP", "state_to_tensors", "tensors_to_state", "state_to_record", "record_to_state",
+           "factors_to_record", "record_to_factors"]
 
 
 def _put_factors(out: dict[str, torch.Tensor], prefix: str, factors: Factors) -> None:
@@ -29,25 +26,18 @@ def _put_factors(out: dict[str, torch.Tensor], prefix: str, factors: Factors) ->
         out[f"{prefix}{SEP}{module}{SEP}B"] = b.detach().float().contiguous()
 
 
-def state_to_record(state: GlobalAdapter) -> ArrayRecord:
+def state_to_tensors(state: GlobalAdapter) -> dict[str, torch.Tensor]:
+    """An adapter state as float32 tensors under the base keys."""
     tensors: dict[str, torch.Tensor] = {}
     _put_factors(tensors, "adapter", state.adapter)
     _put_factors(tensors, "frozen", state.frozen)
     for name, t in state.head.items():
         tensors[f"head{SEP}{name}"] = t.detach().float().contiguous()
-    return ArrayRecord(tensors)
+    return tensors
 
 
-def factors_to_record(factors: Factors, head: dict[str, torch.Tensor] | None = None) -> ArrayRecord:
-    return state_to_record(GlobalAdapter(adapter=factors, head=head or {}))
-
-
-def record_to_state(record: ArrayRecord) -> GlobalAdapter:
-    """Decode an ArrayRecord; raises :class:`RecordError` naming a malformed key."""
-    try:
-        tensors = record.to_torch_state_dict()
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed record
-        raise RecordError(f"array record cannot be decoded: {exc}") from exc
+def tensors_to_state(tensors: dict[str, torch.Tensor]) -> GlobalAdapter:
+    """Base-key tensors as an adapter state; raises :class:`RecordError` naming a malformed key."""
     parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {"adapter": {}, "frozen": {}}
     head: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -72,6 +62,26 @@ def record_to_state(record: ArrayRecord) -> GlobalAdapter:
     return GlobalAdapter(adapter=factors["adapter"], frozen=factors["frozen"], head=head)
 
 
-def record_to_factors(record: ArrayRecord) -> tuple[Factors, dict[str, torch.Tensor]]:
-    state = record_to_state(record)
+def state_to_record(state: GlobalAdapter, codec: str = "fp32") -> ArrayRecord:
+    return encode(state_to_tensors(state), codec)
+
+
+def factors_to_record(factors: Factors, head: dict[str, torch.Tensor] | None = None,
+                      codec: str = "fp32") -> ArrayRecord:
+    return state_to_record(GlobalAdapter(adapter=factors, head=head or {}), codec)
+
+
+def record_to_state(record: ArrayRecord, codec: str = "fp32") -> GlobalAdapter:
+    """Decode an ArrayRecord encoded with ``codec``; raises :class:`RecordError` naming a malformed key."""
+    try:
+        tensors = decode(record, codec)
+    except RecordError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed record
+        raise RecordError(f"array record cannot be decoded: {exc}") from exc
+    return tensors_to_state(tensors)
+
+
+def record_to_factors(record: ArrayRecord, codec: str = "fp32") -> tuple[Factors, dict[str, torch.Tensor]]:
+    state = record_to_state(record, codec)
     return state.adapter, state.head

@@ -24,7 +24,7 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from fedtune.core.config import ExperimentConfig, config_to_toml
+from fedtune.core.config import ConfigError, ExperimentConfig, config_to_toml
 from fedtune.core.metric import masked, metric_for_task
 from fedtune.core.protocol import ClientKey, RoundKey
 from fedtune.data.batching import Tokenized, tokenize
@@ -38,7 +38,13 @@ from fedtune.pruning.completion import deployment_report
 from fedtune.pruning.export import export_pruned_model
 from fedtune.pruning.masks import Masks
 from fedtune.pruning.structure import LayerStructure, model_structure
-from fedtune.round.checkpoint import load_checkpoint, save_checkpoint
+from fedtune.round.checkpoint import (
+    config_hash,
+    load_checkpoint,
+    read_checkpoint_meta,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from fedtune.round.outputs import (
     MetricsWriter,
     format_progress,
@@ -50,7 +56,7 @@ from fedtune.training.local import evaluate_global, head_state, lora_shapes
 from strategies.base import LoraStrategy
 from strategies.registry import build_strategy
 
-__all__ = ["run_server", "ServerRun", "setup", "restore", "train", "finish"]
+__all__ = ["run_server", "ServerRun", "setup", "resume_meta", "restore", "train", "finish"]
 
 
 def _say(line: str) -> None:
@@ -96,18 +102,53 @@ def setup(cfg: ExperimentConfig, out_dir: Path) -> ServerRun:
     eval_data = tokenize(fed.eval, base.tokenizer, cfg.model.task, cfg.model.max_length)
     structure = model_structure(base.model) if (cfg.prunes or cfg.fleet.devices) else None
     fleet = FleetSimulator.from_config(cfg, base.model, structure) if cfg.fleet.devices and structure is not None else None
-    strategy = build_strategy(cfg, structure=structure, fleet=fleet)
+    strategy = build_strategy(cfg, structure=structure, fleet=fleet,
+                              partition_size=lambda cid: len(fed.partition(cid)))
     return ServerRun(cfg, out_dir, base, fed, eval_data, structure, fleet, strategy, t_start)
 
 
-def restore(run: ServerRun, resume: bool) -> tuple[GlobalAdapter, int]:
-    """The global state to start from and the last finished round (0 for a new run)."""
-    if resume and (run.ckpt_dir / "meta.json").is_file():
+def resume_meta(cfg: ExperimentConfig, out_dir: Path, resume: bool, force: bool = False) -> dict[str, Any] | None:
+    """The metadata of the checkpoint a run in ``out_dir`` resumes from, or None when it starts at
+    round 0 (not ``resume``, or no committed checkpoint).
+
+    A checkpoint written under a different experiment config
+    (:func:`~fedtune.round.checkpoint.config_hash`) is refused with a
+    :class:`~fedtune.core.config.ConfigError` unless ``force``; so is an unreadable one (the old
+    layout, a ``LATEST`` naming a missing round).
+    """
+    if not resume:
+        return None
+    try:
+        meta = read_checkpoint_meta(out_dir / "checkpoint")
+    except FileNotFoundError:
+        return None
+    if meta.get("config_hash") != config_hash(cfg) and not force:
+        raise ConfigError(f"resume: the checkpoint in {out_dir} was written under a different experiment"
+                          " config than this one; pass force to resume anyway")
+    return meta
+
+
+def restore(run: ServerRun, resume: bool, force: bool = False) -> tuple[GlobalAdapter, int]:
+    """The global state to start from and the last finished round (0 for a new run).
+
+    With ``resume`` and a committed checkpoint the run continues from it (checked by
+    :func:`resume_meta`). Otherwise the run starts at round 0 and removes the checkpoint an earlier
+    run left in the directory, which a new run must not be mixed with (:func:`train` truncates
+    ``metrics.jsonl``). ``summary.json``, the mark of a finished run, is removed in both cases
+    (:func:`finish` writes it again).
+    """
+    (run.out_dir / "summary.json").unlink(missing_ok=True)
+    if resume_meta(run.cfg, run.out_dir, resume, force) is not None:
         state, meta = load_checkpoint(run.ckpt_dir)
+        if meta.get("config_hash") != config_hash(run.cfg):
+            _say(f"resuming {run.out_dir} under a different experiment config (forced)")
         start_round, run.elapsed_before = int(meta["round"]), float(meta.get("wall_time_s", 0.0))
         run.strategy.load_state_dict(meta.get("strategy", {}))
         _say(f"resuming from checkpoint after round {start_round}")
     else:
+        if resume:
+            _say(f"no checkpoint in {run.out_dir}: starting at round 0")
+        remove_checkpoint(run.ckpt_dir)
         state, start_round = run.strategy.initial_state(lora_shapes(run.base, run.cfg), head_state(run.base)), 0
     run.strategy.set_state(state)
     return state, start_round
@@ -138,6 +179,7 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
     """Rounds ``start_round + 1 .. num_rounds``: one metrics line and one checkpoint each."""
     cfg, strategy = run.cfg, run.strategy
     num_rounds = cfg.federation.num_rounds
+    cfg_hash = config_hash(cfg)
     writer = MetricsWriter(run.out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
     _say(f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}, {cfg.federation.num_clients} clients,"
          f" strategy {type(strategy).__name__}, ranks {sorted(set(cfg.lora.ranks))}, {num_rounds} rounds"
@@ -171,7 +213,7 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
             rec[RoundKey.ROUND_SIM_S] = round(result.round_sim_s or 0.0, 3)
         rec[RoundKey.WALL_TIME_S] = run.elapsed()
         writer.write(rec)
-        save_checkpoint(state, rnd, run.ckpt_dir, {"wall_time_s": rec[RoundKey.WALL_TIME_S],
+        save_checkpoint(state, rnd, run.ckpt_dir, {"config_hash": cfg_hash, "wall_time_s": rec[RoundKey.WALL_TIME_S],
                                                    "strategy": strategy.state_dict()})
         _say(format_progress(rec, num_rounds))
     return state
@@ -223,9 +265,15 @@ def finish(run: ServerRun, state: GlobalAdapter) -> dict[str, Any]:
     return summary
 
 
-def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
-    """Run ``cfg.federation.num_rounds`` rounds on ``grid``; write outputs to ``out_dir``."""
+def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False,
+               force: bool = False) -> dict[str, Any]:
+    """Run ``cfg.federation.num_rounds`` rounds on ``grid``; write outputs to ``out_dir``.
+
+    ``resume`` continues from ``out_dir``'s checkpoint; ``force`` lets it continue one written under
+    a different experiment config (see :func:`restore`).
+    """
+    resume_meta(cfg, out_dir, resume, force)  # a refused resume leaves the run's config.toml as it was
     run = setup(cfg, out_dir)
-    state, start_round = restore(run, resume)
+    state, start_round = restore(run, resume, force)
     state = train(grid, run, state, start_round)
     return finish(run, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,69 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON line per round; on resume, keeps only rounds up to the checkpoint."""
+    """Appends one JSON line per round, flushed and fsync'd; on resume, keeps only rounds up to the
+    checkpoint.
+
+    Opening rewrites the file atomically (a temporary file, fsync, ``os.replace``): empty for a new
+    run, the kept rounds for a resumed one. A partial last line of an interrupted session is dropped
+    then, so appends always start on a fresh line.
+    """
 
     def __init__(self, path: Path, keep_up_to_round: int | None = None) -> None:
         self.path = path
         if keep_up_to_round is None:
-            path.write_text("")
+            kept: list[dict[str, Any]] = []
         else:
             kept = [r for r in read_metrics(path) if r[R.ROUND] <= keep_up_to_round] if path.exists() else []
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in kept))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(_clean(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl``, one JSON object per line; blank lines are skipped.
+
+    A record counts once its line is terminated: the last line, when it has no newline or does not
+    parse as a JSON object, is a partial write (a writer interrupted mid-line, or one still writing)
+    and is left out. Any other line that does not parse as a JSON object is an error: a
+    ``ValueError`` naming the file and the line number.
+    """
+    text = path.read_text()
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines[-1] = ""  # unterminated: partial
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            problem = "" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+        except json.JSONDecodeError as exc:
+            problem = f"not JSON ({exc.msg})"
+        if problem:
+            if i == len(numbered) - 1:
+                break
+            raise ValueError(f"{path}, line {n}: {problem}")
+        records.append(record)
+    return records
 
 
 def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:

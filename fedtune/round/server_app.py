@@ -2,8 +2,10 @@
 
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``--run-config``):
 ``experiment`` (a TOML file, relative to the app directory), ``overrides`` (``KEY=VALUE``
-pairs separated by ``;``), ``out-dir`` and ``resume`` (continue from ``out-dir``'s checkpoint). ``federation.num_clients`` must equal the
-number of SuperNodes, each started with ``partition-id`` in its node config.
+pairs separated by ``;``), ``out-dir``, ``resume`` (continue from ``out-dir``'s checkpoint) and, when the
+app declares it, ``force`` (resume a checkpoint written under a different experiment config).
+``federation.num_clients`` must equal the number of SuperNodes, each started with ``partition-id`` in
+its node config.
 """
 
 from __future__ import annotations
@@ -34,5 +36,6 @@ def main(grid: Grid, context: Context) -> None:
         path = Path(experiment) if Path(experiment).is_absolute() else APP_DIR / experiment
     overrides = [x.strip() for x in str(rc.get("overrides", "")).split(";") if x.strip()]
     cfg = load_config(path, overrides)
-    resume = str(rc.get("resume", False)).lower() in ("1", "true", "yes")
-    run_server(grid, cfg, Path(str(rc.get("out-dir", "runs/flwr"))).expanduser().resolve(), resume=resume)
+    resume, force = (str(rc.get(key, False)).lower() in ("1", "true", "yes") for key in ("resume", "force"))
+    run_server(grid, cfg, Path(str(rc.get("out-dir", "runs/flwr"))).expanduser().resolve(), resume=resume,
+               force=force)

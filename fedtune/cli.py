@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", type=Path, help="experiment TOML (default: the built-in default experiment)")
+        sp.add_argument("--config", type=Path, help="experiment TOML (default: simulations/default.toml)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set federation.num_rounds=5 (repeatable)")
         sp.add_argument("--strategy", help="aggregation strategy: registry name, module:Class or file.py:Class")
@@ -104,7 +104,15 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"federation.strategy={json.dumps(args.strategy)}")
     if args.policy:
         overrides.append(f"policy.name={json.dumps(args.policy)}")
-    return load_config(args.config, overrides)
+    return load_config(args.config or default_experiment(), overrides)
+
+
+def default_experiment() -> Path | None:
+    """The default experiment: ``simulations/default.toml`` of the source tree fedtune runs from
+    (edit it to change what ``fedtune simulate`` runs); the built-in defaults, which it mirrors,
+    when fedtune is installed without its source tree."""
+    path = Path(__file__).resolve().parents[1] / "simulations" / "default.toml"
+    return path if path.is_file() else None
 
 
 def _strategies(args: argparse.Namespace) -> int:

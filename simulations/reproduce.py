@@ -182,7 +182,8 @@ def best_static(s: dict[str, Any], runs: Path) -> str:
     """The grid candidate (run on the tuning seeds) that reaches the sustained target on the most tuning
     seeds, then with the shortest geometric-mean time to it (a run that never reaches it counted at its
     horizon), then with the better mean final metric (the mean of each run's last ``final_window``
-    evaluations). Without a declared target: the better mean final metric alone."""
+    evaluations). Without a declared target, or when no tuning run reached it: the better mean final
+    metric alone."""
     import math
 
     from fedtune.reporting.comparison import run_stats
@@ -197,7 +198,7 @@ def best_static(s: dict[str, Any], runs: Path) -> str:
                            sustain_k=cs.sustain_k, final_window=cs.final_window) for seed in cs.tuning_seeds]
         times = [st["sustained"].time_s for st in stats if st["sustained"] is not None]
         censored = sum(st["sustained"].censored for st in stats if st["sustained"] is not None)
-        ttt = geomean(times) if times and min(times) > 0 else 0.0
+        ttt = geomean(times) if times and min(times) > 0 and censored < len(times) else 0.0  # none reached: by final
         finals = [st["final_metric"] for st in stats if st["final_metric"] is not None]
         final = sum(finals) / len(finals) if finals else (math.inf if lower else -math.inf)
         scored.append(((censored, ttt, final if lower else -final), name))

@@ -25,9 +25,10 @@ from fedtune.lora.factors import (
 from strategies.base import LoraStrategy
 
 
-def aggregate_flexlora(updates: list[ClientUpdate], rank: int) -> Factors:
-    """Rank-``rank`` SVD of the example-weighted (per row/column: holder-renormalised) sum of products."""
-    weights = [float(u.num_examples) for u in updates]
+def aggregate_flexlora(updates: list[ClientUpdate], rank: int, weights: list[float] | None = None) -> Factors:
+    """Rank-``rank`` SVD of the weighted (per row/column: holder-renormalised) sum of products;
+    the weights are the clients' example counts unless given."""
+    weights = [float(u.num_examples) for u in updates] if weights is None else [float(w) for w in weights]
     out: Factors = {}
     for m in updates[0].factors:
         parts = holder_weights(updates, m, weights).product_parts([u.factors[m] for u in updates])

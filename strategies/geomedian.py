@@ -26,10 +26,9 @@ from fedtune.lora.factors import (
     ClientUpdate,
     Factors,
     GlobalAdapter,
-    holder_weights,
-    lowrank_svd,
 )
 from strategies.base import LoraStrategy
+from strategies.flexlora import aggregate_flexlora
 
 __all__ = ["GeometricMedian", "weiszfeld_weights", "gram_matrix", "aggregate_geomedian"]
 
@@ -79,12 +78,7 @@ def weiszfeld_weights(gram: torch.Tensor, iterations: int = 300, tol: float = 1e
 
 def aggregate_geomedian(updates: list[ClientUpdate], rank: int, beta: torch.Tensor) -> Factors:
     """The rank-``rank`` SVD of ``sum_k beta_k B_k A_k`` (per row/column over its holders)."""
-    weights = [float(x) for x in beta]
-    out: Factors = {}
-    for m in updates[0].factors:
-        parts = holder_weights(updates, m, weights).product_parts([u.factors[m] for u in updates])
-        out[m] = lowrank_svd(parts, [1.0] * len(parts), rank)
-    return out
+    return aggregate_flexlora(updates, rank, [float(x) for x in beta])
 
 
 class GeometricMedian(LoraStrategy):

@@ -1,5 +1,7 @@
 """Bad input on the command line: a one-line error naming the problem, exit status 2."""
 
+from pathlib import Path
+
 import pytest
 
 from fedtune.cli import main
@@ -69,3 +71,30 @@ def test_the_run_directory_is_checked_before_anything_starts(command, capsys, tm
     assert main([command, "--config", SMOKE, "--out", str(out), "--force", "--strategy", "fedmagic"]) == 2
     assert "federation.strategy: unknown name 'fedmagic'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
+def test_simulate_without_config_reads_simulations_default_toml(tmp_path, monkeypatch):
+    """The default experiment is the file a user edits: ``fedtune config`` (like ``simulate``) reads it."""
+    import argparse
+
+    from fedtune import cli
+
+    assert cli.default_experiment() == Path(cli.__file__).resolve().parents[1] / "simulations" / "default.toml"
+    edited = tmp_path / "default.toml"
+    edited.write_text(cli.default_experiment().read_text().replace('name = "default"', 'name = "edited"'))
+    monkeypatch.setattr(cli, "default_experiment", lambda: edited)
+    args = argparse.Namespace(config=None, overrides=["seed=7"], strategy=None, policy=None)
+    cfg = cli._load(args)
+    assert cfg.name == "edited" and cfg.seed == 7
+
+
+def test_version_and_provenance_name_what_produced_a_run(capsys):
+    from fedtune.round.outputs import provenance
+
+    prov = provenance()
+    assert prov["fedtune"] and prov["packages"]["flwr"] == "1.42.0" and prov["python"].startswith("3.")
+    if (ROOT / ".git").exists():
+        assert len(prov["git_commit"].removesuffix("-dirty")) == 40
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fedtune {prov['fedtune']}"

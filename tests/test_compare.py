@@ -69,7 +69,7 @@ def test_paired_speedups_censoring_and_table(tmp_path):
     assert m["fedspine"]["final_metric_diff_ci95"] == pytest.approx([-0.02, 0.0])
     table = (out / "table.md").read_text()
     assert "| fedspine | 2 | 14.1 | 0/2 censored | 2.12x [1.50, 3.00] |" in table
-    assert "| fedit | 1 | >= 80.0 | 1/1 censored | 0.38x (n=1, no CI) (upper bound: the method censored)" in table
+    assert "| fedit | 1 | >= 80 | 1/1 censored | 0.38x (n=1, no CI) (upper bound: the method censored)" in table
     assert "0.250 → 0.300" in table
     assert {"s-curves.png", "s-time-to-target.png", "s-arms.png", "s-trajectories.png"} == set(s["plots"])
     for png in s["plots"]:

@@ -318,6 +318,11 @@ def _cell(a: dict[str, Any], f: Any = lambda v: f"{v:.1f}") -> str:
     return f(a["mean"]) + (f" ± {f(a['std'])}" if a["n"] > 1 and a["std"] is not None else "")
 
 
+def _t(v: float) -> str:
+    """A time: one decimal from 100 on, else three significant digits (a tiny model's rounds last ms)."""
+    return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _ci(ci: list[float] | None, f: Any) -> str:
     return f"[{f(ci[0])}, {f(ci[1])}]" if ci else ""
 
@@ -388,7 +393,7 @@ def _setting_markdown(entry: dict[str, Any], runs_note: list[str]) -> list[str]:
     for name, m in methods.items():
         label = name + (f" ({m['chosen']})" if m.get("chosen") else "")
         t = m["time_to_target_geomean_s"]
-        tcell = "n/a" if t is None else (">= " if m["censored"] else "") + f"{t:.1f}"
+        tcell = "n/a" if t is None else (">= " if m["censored"] else "") + _t(t)
         fin = "n/a" if m["final_metric"] is None else fmt(m["final_metric"])
         if m["final_metric_se"] is not None:
             fin += f" (SE {m['final_metric_se']:.3f})"
@@ -412,7 +417,7 @@ def _setting_markdown(entry: dict[str, Any], runs_note: list[str]) -> list[str]:
                   "|---|---|---|---|---|"]
         for k, g in sorted(entry["grid"].items()):
             t = g["time_to_target_geomean_s"]
-            tcell = "n/a" if t is None else (">= " if g["censored"] else "") + f"{t:.1f}"
+            tcell = "n/a" if t is None else (">= " if g["censored"] else "") + _t(t)
             fin = "n/a" if g["final_metric"] is None else fmt(g["final_metric"])
             lines.append(f"| {k}{' (chosen)' if k in chosen else ''} | {', '.join(map(str, g['seeds']))} | {tcell} |"
                          f" {g['censored']}/{len(g['seeds'])} censored | {fin} |")
@@ -441,6 +446,7 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
     written = []
 
     # mean curve with a 95% CI band across seeds, on a common time grid
+    bounded = m_.slug.endswith("accuracy")
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for z, m in enumerate(order):
         curves = [tuple(zip(*r["curve"])) for r in by[m] if r["curve"]]
@@ -450,8 +456,11 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
         st = style[m]
         n = len(curves)
         if lo is not None:
+            if bounded:  # an accuracy's band stays within [0, 1]
+                lo, hi = lo.clip(0.0, 1.0), hi.clip(0.0, 1.0)
             ax.fill_between(grid, lo, hi, color=st["color"], alpha=0.15, lw=0, zorder=z)
-        ax.plot(grid, mean, color=st["color"], ls=st["ls"], lw=2.6 if m == entry["baseline"] else 1.8,
+        wide = (len(order) - z) / len(order)  # drawn first, drawn widest: equal curves stay visible
+        ax.plot(grid, mean, color=st["color"], ls=st["ls"], lw=1.4 + 2.2 * wide,
                 zorder=len(order) + z, label=f"{m} (n={n}{'' if n > 1 else ', no band'})")
     ax.axhline(target, color="grey", ls=(0, (1, 3)), lw=1.2, label=f"target {target:g}")
     ax.set(xlabel=unit, ylabel=f"held-out {m_.short}",
@@ -480,7 +489,7 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
                 ax.plot(t.time_s, y, marker="o", ms=7, color=st["color"], ls="none", alpha=0.85, zorder=3)
         if entry["methods"][m]["time_to_target_geomean_s"]:
             ax.plot(entry["methods"][m]["time_to_target_geomean_s"], row, marker="|", ms=22, mew=2, color="black",
-                    ls="none", zorder=4)
+                    ls="none", zorder=2)  # under the seeds' dots
     ax.set_yticks(range(len(order)), order)
     ax.invert_yaxis()
     ax.set(xlabel=f"{unit} to target ({m_.short} {m_.comparator} {target:g}, running mean of"
@@ -547,9 +556,11 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
 
 def _save(fig: Any, axes: Any, title: str, path: Path) -> str:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -40,6 +40,7 @@ from safetensors.torch import load, save
 from fedtune.core.config import ConfigError, ExperimentConfig, config_to_dict
 from fedtune.lora.factors import GlobalAdapter
 from fedtune.lora.records import record_to_state, state_to_record
+from fedtune.round.outputs import fsync_dir
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "has_checkpoint", "remove_checkpoint",
@@ -57,14 +58,6 @@ _UNHASHED = (("federation", "num_rounds"), ("federation", "round_timeout_s"), ("
 
 def _round_dir_name(server_round: int) -> str:
     return f"round-{server_round:04d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -130,16 +123,16 @@ def save_checkpoint(state: GlobalAdapter, server_round: int, path: Path, extra: 
     tensors = state_to_record(state).to_torch_state_dict()  # the same key scheme as messages
     _write_durably(tmp / STATE_FILE, save(tensors))
     _write_durably(tmp / META_FILE, json.dumps({"round": server_round, **(extra or {})}).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = path / name
     if final.exists():  # an uncommitted round directory of an interrupted session
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(path)
+    fsync_dir(path)
     pointer_tmp = path / f"{POINTER}.tmp"
     _write_durably(pointer_tmp, (name + "\n").encode())
     os.replace(pointer_tmp, path / POINTER)
-    _fsync_dir(path)
+    fsync_dir(path)
     _prune(path, keep={name, previous})
 
 

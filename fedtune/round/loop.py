@@ -49,6 +49,7 @@ from fedtune.round.outputs import (
     MetricsWriter,
     format_progress,
     plot_metrics,
+    provenance,
     read_metrics,
     summarize,
 )
@@ -259,6 +260,7 @@ def finish(run: ServerRun, state: GlobalAdapter) -> dict[str, Any]:
         "adapter_dir": str(adapter_dir), "plot": str(plot) if plot else None,
         **({"client_models": client_models} if client_models else {}),
         **({"deployment": deployment} if deployment else {}),
+        "provenance": provenance(),
     })
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _say(f"done in {summary['wall_time_s']:.1f}s; summary: {run.out_dir / 'summary.json'}")

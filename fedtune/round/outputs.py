@@ -47,7 +47,7 @@ class MetricsWriter:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
@@ -56,7 +56,8 @@ class MetricsWriter:
             os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -165,3 +166,35 @@ def format_progress(record: dict[str, Any], num_rounds: int) -> str:
         parts.append(f"perplexity {record['eval_perplexity']:.2f}")
     parts.append(f"elapsed {record['wall_time_s']:.1f}s")
     return " | ".join(parts)
+
+
+PROVENANCE_PACKAGES = ("flwr", "torch", "transformers", "peft", "ray", "bitsandbytes", "flwr-datasets", "numpy")
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a run: fedtune's version, the git commit of its source tree (when it is a
+    checkout; ``dirty`` when it has uncommitted changes), key package versions and the machine."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    out: dict[str, Any] = {"fedtune": version("fedtune"), "python": platform.python_version(),
+                           "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+                           "packages": {d: v for d in PROVENANCE_PACKAGES if (v := version(d))}}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            out["git_commit"] = commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out

@@ -5,7 +5,7 @@ invocation, with 10 clients sampled a round, 3 rounds and 2 workers (one CPU eac
 
 - MiniLM (the default experiment's model, Rotten Tomatoes, IID shards so that 1,000 clients
   all get data) at 100, 300 and 1,000 clients, with short local work (5 steps of 8 examples,
-  32 tokens);
+  32 tokens) and a held-out set of 200 examples;
 - the tiny model of ``simulations/smoke.toml`` (the whole corpus) at 100 and 10,000 clients.
 
 Only the sampled clients do any work, so with memory and server cost that do not depend on the
@@ -23,7 +23,8 @@ memory. Per size the result records:
   ``cli_busiest_thread_cpu_s`` that of its busiest thread.
 - ``round_wall_s``: per round, the difference of ``wall_time_s`` in ``metrics.jsonl``; round 1
   is measured from the round-0 record (written after the round-0 evaluation), so it includes the
-  first sampling, the first client identification and every worker's first model and data load.
+  first sampling (with the server numbering the virtual nodes) and every worker's first model and
+  data load.
 - ``server_round_s``: the round's wall time minus the longest ``reply_s`` of its clients, which
   runs from the server building that client's message to the server reading its reply; what is
   left is the server's own work: sampling, decoding the global adapter, aggregation, records,
@@ -32,10 +33,10 @@ memory. Per size the result records:
   rounds; the per-round values are beside it.
 - ``round_cpu_s``: per round, the CPU seconds all the run's processes used between the progress
   lines of the round before and of this one (sampled every 0.5 s), and ``round_cli_cpu_s`` those
-  of the ``fedtune simulate`` process alone. Unlike wall time, CPU time barely changes when other
+  of the ``fedtune simulate`` process alone. CPU time changes much less than wall time when other
   jobs share the machine, so it is the steadier figure for what grows with the client count.
 - ``setup_s``: from the launch of the command to the run's start line (imports, the config
-  checks, which read every client's partition size, Ray's start, Flower's registration of the
+  checks, which look at every client's partition, Ray's start, Flower's registration of the
   virtual nodes and the server's model and data load). ``data_setup_s`` is measured in this
   process for the same config: loading and partitioning the corpus and checking that no
   partition is empty, from the partitioner's index table; ``data_load_every_partition_s``
@@ -43,11 +44,22 @@ memory. Per size the result records:
   grows with the client count when it is done that way. ``client_setup_s_max`` is the longest
   model-and-partition load a client reported (a worker's first load of the corpus).
 
+What grows with the client count is Flower's: its simulation engine hands messages to the
+workers from a thread (``add_messages_to_queue`` in ``flwr.server.superlink.fleet.vce.vce_api``)
+that asks the link state every 0.1 s for a message for every registered node in turn, and each
+ask scans every stored message; the thread's work grows with the number of nodes times the
+messages in flight, and it runs in the process and under the interpreter lock of the server.
+``--pending-extractor MODEL:N,...`` also runs the listed sizes with that thread replaced by one
+that visits only the nodes with an undelivered message, in Flower's order; those runs carry
+``"flower_extractor": "pending"`` and their ratios are taken against the 100-client runs as they
+are.
+
 Machines shared with other jobs make single timings noisy; the sizes run back to back, and the
 ratios against the 100-client run of the same model are the figures to compare.
 
     .venv/bin/python simulations/bench/scale.py [--out simulations/results/scale.json]
         [--minilm-clients 100,300,1000] [--tiny-clients 100,10000] [--rounds 3]
+        [--pending-extractor minilm:1000,tiny-bert:10000]
 """
 
 from __future__ import annotations
@@ -70,6 +82,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 GB = 1024 ** 3
+PENDING_LAUNCH = "--run-cli-with-pending-extractor"  # first argument: run the CLI with the patched thread
 START_LINE = re.compile(r"^\[fedtune\] .+ clients, strategy ")
 ROUND_LINE = re.compile(r"^\[fedtune\] round\s+(\d+)/")
 
@@ -77,13 +90,36 @@ MODELS: dict[str, dict[str, Any]] = {
     "minilm": {
         "config": "simulations/default.toml",
         "overrides": ["data.partitioner=iid", "data.partitioner_args={}", "model.max_length=32",
-                      "train.batch_size=8"],
+                      "train.batch_size=8", "data.eval_size=200"],
     },
     "tiny-bert": {
         "config": "simulations/smoke.toml",
         "overrides": ["data.max_examples=0"],
     },
 }
+
+
+def install_pending_extractor() -> None:
+    """Replace Flower's message extractor with one that visits only the nodes that have an
+    undelivered message (in-memory link state; any other state keeps Flower's)."""
+    import flwr.server.superlink.fleet.vce.vce_api as vce
+
+    original = vce.add_messages_to_queue
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
+        if not (hasattr(state, "message_ins_store") and hasattr(state, "lock")):
+            return original(state, queue, nodes_mapping, f_stop)
+        order = {node_id: i for i, node_id in enumerate(nodes_mapping)}  # Flower's visiting order
+        while not f_stop.is_set():
+            with state.lock:
+                pending = {m.metadata.dst_node_id for m in list(state.message_ins_store.values())
+                           if m.metadata.delivered_at == ""}
+            for node_id in sorted(pending & order.keys(), key=order.__getitem__):
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(0.1)
+
+    vce.add_messages_to_queue = add_messages_to_queue
 
 
 def _pss_bytes(pid: int) -> int:
@@ -201,6 +237,9 @@ def _children(p: Any) -> list[Any]:
 
 def measure_data_setup(cfg: Any) -> dict[str, float]:
     """Corpus load, partitioning and the empty-partition check, in this process."""
+    import datasets  # noqa: F401 - imported before the clock starts
+    import flwr_datasets.partitioner  # noqa: F401
+
     from fedtune.data.partition import FederatedData
 
     t0 = time.perf_counter()
@@ -214,12 +253,17 @@ def measure_data_setup(cfg: Any) -> dict[str, float]:
             "empty_partitions": len(empty), "min_partition_size": min(every)}
 
 
-def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path, index: int,
+             extractor: str = "as-is") -> dict[str, Any]:
+    """One ``fedtune simulate`` run of ``model`` with ``num_clients`` clients, measured;
+    ``extractor`` ``pending`` runs it with :func:`install_pending_extractor`."""
     from fedtune.core.config import config_from_dict, read_toml
 
     spec = MODELS[model]
-    tag = f"{model}-{num_clients}"
-    ray_tmpdir = f"/tmp/fts{os.getpid()}-{len(list(work.iterdir()))}"  # short: Ray's socket paths
+    tag = f"{model}-{num_clients}" + ("-pending" if extractor == "pending" else "")
+    ray_tmpdir = f"/tmp/fts{os.getpid()}-{index}"  # short: Ray's socket paths
+    launcher = [sys.executable, "-m", "fedtune.cli"] if extractor == "as-is" else [
+        sys.executable, str(Path(__file__).resolve()), PENDING_LAUNCH]
     out = work / tag
     overrides = [*spec["overrides"], f"federation.num_clients={num_clients}",
                  f"federation.clients_per_round={args.per_round}", f"federation.num_rounds={args.rounds}",
@@ -229,7 +273,7 @@ def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path)
     cfg = config_from_dict(read_toml(ROOT / spec["config"], "config"), overrides)
     data = measure_data_setup(cfg)
 
-    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", "--config", spec["config"], "--out", str(out)]
+    cmd = [*launcher, "simulate", "--config", spec["config"], "--out", str(out)]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_TMPDIR": ray_tmpdir}
@@ -297,7 +341,7 @@ def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path)
         return round(sum(xs) / len(xs), 3) if xs else None
 
     return {
-        "model": model, "num_clients": num_clients, "status": status,
+        "model": model, "num_clients": num_clients, "flower_extractor": extractor, "status": status,
         "rounds_done": len(round_wall),
         "peak_rss_gb": round(monitor.peak_rss / GB, 3),
         "peak_pss_gb": round(monitor.peak_pss / GB, 3),
@@ -327,11 +371,17 @@ def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path)
     }
 
 
-def _ratio(runs: list[dict[str, Any]], model: str, n: int, base: int, key: str = "round_wall_mean_s") -> float | None:
-    by = {r["num_clients"]: r for r in runs if r["model"] == model and r["status"] == "ok"}
-    if n not in by or base not in by or not by[base].get(key) or by[n].get(key) is None:
+def _ratio(runs: list[dict[str, Any]], model: str, n: int, base: int, key: str = "round_wall_mean_s",
+           extractor: str = "as-is") -> float | None:
+    """``key`` of the ``n``-client run (with ``extractor``) over that of the ``base``-client run as is."""
+    def find(size: int, variant: str) -> dict[str, Any] | None:
+        return next((r for r in runs if r["model"] == model and r["num_clients"] == size
+                     and r["flower_extractor"] == variant and r["status"] == "ok"), None)
+
+    top, bottom = find(n, extractor), find(base, "as-is")
+    if top is None or bottom is None or not bottom.get(key) or top.get(key) is None:
         return None
-    return round(by[n][key] / by[base][key], 3)
+    return round(top[key] / bottom[key], 3)
 
 
 def main() -> None:
@@ -343,6 +393,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=10, help="clients sampled a round")
     ap.add_argument("--local-steps", type=int, default=5, help="MiniLM local steps")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is stopped")
+    ap.add_argument("--pending-extractor", default="minilm:1000,tiny-bert:10000",
+                    help="MODEL:N sizes to run again with Flower's extractor visiting only pending nodes ('' for none)")
     ap.add_argument("--keep", type=Path, help="keep the run directories and logs here")
     args = ap.parse_args()
 
@@ -351,12 +403,18 @@ def main() -> None:
     quiet_library_warnings()
     sizes = [("minilm", int(n)) for n in args.minilm_clients.split(",") if n.strip()]
     sizes += [("tiny-bert", int(n)) for n in args.tiny_clients.split(",") if n.strip()]
+    variants = [(model, n, "as-is") for model, n in sizes]
+    for item in (x.strip() for x in args.pending_extractor.split(",") if x.strip()):
+        model, _, n = item.partition(":")
+        if model not in MODELS or not n.isdigit():
+            ap.error(f"--pending-extractor: expected MODEL:N with MODEL in {sorted(MODELS)}, got {item!r}")
+        variants.append((model, int(n), "pending"))
     work = Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
     load_before = os.getloadavg()
     runs = []
     try:
-        for model, n in sizes:
-            runs.append(run_size(model, n, args, work))
+        for index, (model, n, extractor) in enumerate(variants):
+            runs.append(run_size(model, n, args, work, index, extractor))
             print(f"[scale] {json.dumps({k: v for k, v in runs[-1].items() if k != 'sampled_clients'})}", flush=True)
     finally:
         if args.keep:
@@ -365,13 +423,23 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
 
-    minilm_1000 = next((r for r in runs if r["model"] == "minilm" and r["num_clients"] == 1000), None)
+    minilm_1000 = next((r for r in runs if r["model"] == "minilm" and r["num_clients"] == 1000
+                        and r["flower_extractor"] == "as-is"), None)
     result: dict[str, Any] = {
         "round_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100),
         "round1_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round1_s"),
         "peak_rss_gb_1000": minilm_1000["peak_rss_gb"] if minilm_1000 else None,
         "round_wall_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100),
         "round1_wall_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, "round1_s"),
+        "round_cpu_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round_cpu_mean_s"),
+        "round_cpu_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, "round_cpu_mean_s"),
+        "pending_extractor": {
+            "round_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, extractor="pending"),
+            "round_wall_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, extractor="pending"),
+            "round_cpu_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round_cpu_mean_s", "pending"),
+            "round_cpu_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, "round_cpu_mean_s",
+                                                        "pending"),
+        },
         "runs": runs,
     }
     result["goals"] = {
@@ -396,4 +464,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [PENDING_LAUNCH]:
+        install_pending_extractor()
+        from fedtune.cli import main as cli_main
+
+        sys.exit(cli_main(sys.argv[2:]))
     main()

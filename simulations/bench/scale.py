@@ -311,6 +311,7 @@ def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path,
             p.kill()
         except Exception:  # noqa: BLE001 - already gone
             pass
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)  # this run's own Ray session files
     if proc.returncode != 0 and status == "ok":
         status = f"exit {proc.returncode}"
     (work / f"{tag}.log").write_text("\n".join(f"{t:8.2f} {s}" for t, s in lines) + "\n")

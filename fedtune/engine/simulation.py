@@ -83,9 +83,8 @@ def preflight(cfg: ExperimentConfig) -> None:
 
     build_strategy(cfg)
     fed = cached_federated_data(cfg.data, cfg.model.task, cfg.federation.num_clients, cfg.seed, cfg.model.num_labels)
-    for cid in range(cfg.federation.num_clients):
-        if len(fed.partition(cid)) == 0:
-            raise ConfigError(f"data.partitioner: client {cid} gets an empty partition; change partitioner_args")
+    if empty := fed.empty_partitions():  # from the partitioner's index table: no partition is built
+        raise ConfigError(f"data.partitioner: client {empty[0]} gets an empty partition; change partitioner_args")
     sim = cfg.simulation
     if (sim.num_gpus_per_client or sim.gpu_fraction_by_device) and not _cuda_visible():
         key = "simulation.gpu_fraction_by_device" if sim.gpu_fraction_by_device else "simulation.num_gpus_per_client"

@@ -104,7 +104,7 @@ def setup(cfg: ExperimentConfig, out_dir: Path) -> ServerRun:
     structure = model_structure(base.model) if (cfg.prunes or cfg.fleet.devices) else None
     fleet = FleetSimulator.from_config(cfg, base.model, structure) if cfg.fleet.devices and structure is not None else None
     strategy = build_strategy(cfg, structure=structure, fleet=fleet,
-                              partition_size=lambda cid: len(fed.partition(cid)))
+                              partition_size=fed.partition_size)
     return ServerRun(cfg, out_dir, base, fed, eval_data, structure, fleet, strategy, t_start)
 
 

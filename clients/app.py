@@ -1,4 +1,5 @@
-"""The fedtune ClientApp: message in -> local LoRA training on the cached base model -> reply out.
+"""The fedtune ClientApp: message in -> local LoRA training (train) or scoring of the global
+adapter on the client's held-out split (evaluate) on the cached base model -> reply out.
 
 Every train message carries what the client needs for its round (:class:`fedtune.core.protocol.TrainRequest`),
 so the same ClientApp serves Ray simulations and real SuperNodes without local configuration.
@@ -16,12 +17,14 @@ import) and hands the message to the node's persistent worker (:mod:`clients.wor
 keeps torch, the base model and the tokenised partition loaded across rounds. If the worker
 cannot be reached, its socket directory is not private to this user, or it refuses the request
 as unreadable (:class:`clients.worker.WorkerUnavailable` and its subclasses), the ClientApp logs
-why and trains in-process. Any failure is returned as an error reply naming the client and its
+why and does the work in-process. Evaluate messages take the same path
+(:func:`clients.local.handle_evaluate`). Any failure is returned as an error reply naming the client and its
 cause, so the round goes on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -40,6 +43,7 @@ CLIENT_APP_RAISED_EXCEPTION = 1  # flwr.common.constant.ErrorCode.CLIENT_APP_RAI
 _TRUE = ("1", "true", "yes", "on")
 
 app = ClientApp()
+_LOADED_AT = time.time()  # this module imported: a fresh ClientApp process's start-up is behind it
 
 
 def client_id_of(context: Context) -> int:
@@ -48,7 +52,7 @@ def client_id_of(context: Context) -> int:
 
 def assigned_client_id(msg: Message, context: Context) -> int:
     """On Flower's simulation engine every virtual node can serve any partition: the client the
-    server names in the train request (``federation.client_ids = "assign"``), else the node's own."""
+    server names in the request (train or evaluate) (``federation.client_ids = "assign"``), else the node's own."""
     try:
         return int(msg.content[CONFIG]["client_id"])
     except (KeyError, TypeError, ValueError):
@@ -63,14 +67,49 @@ def uses_worker(context: Context) -> bool:
 def _process_age_s(in_ray: bool) -> float:
     """Seconds since this process started (what a fresh ClientApp process costs, with the work);
     NaN in a Ray simulation, where the ClientApp lives in a long-lived actor."""
-    if in_ray:
-        return float("nan")
+    return float("nan") if in_ray else time.time() - _process_started_at()
+
+
+def _process_started_at() -> float:
+    """When this process started (epoch seconds): from /proc on Linux, as psutil computes it
+    (importing psutil would cost a fresh process tens of milliseconds); psutil elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
     try:
         import psutil
 
-        return time.time() - psutil.Process().create_time()
+        return psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - a measurement only
         return float("nan")
+
+
+def _report_timing(msg: Message, metrics: MetricRecord, client_id: int, op: str, entered: float,
+                   handoff: dict[str, float]) -> None:
+    """Where a fresh ClientApp process's time went (deployment): process ages when this module was
+    loaded (``app_loaded_s``: interpreter, Flower, the task pulled, the app bundle installed) and when
+    the handler was entered (``handler_s``), its CPU seconds so far (``process_cpu_s``, what it cost
+    whatever else the machine runs), and the worker hand-off's own cost (``handoff_s``: its wall
+    time minus the worker's handler), in the reply's metrics and as one line on stdout (the
+    SuperNode's log), with the hand-off's parts."""
+    started = _process_started_at()
+    fields = {"app_loaded_s": _LOADED_AT - started, "handler_s": entered - started,
+              "process_cpu_s": time.process_time()}
+    if "worker_handle_s" in handoff and "total_s" in handoff:
+        fields["handoff_s"] = handoff["total_s"] - handoff["worker_handle_s"]
+    if op == "train":  # TrainMetrics fields (fedtune.core.protocol)
+        for key, value in fields.items():
+            metrics[key] = value
+    cfg = msg.content.config_records.get(CONFIG)
+    line = {"client_id": client_id, "op": op, "round": cfg.get("server_round") if cfg else None,
+            "process_s": metrics["process_s"], **fields, **handoff}
+    print("[fedtune] client timing " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                   for k, v in line.items()}), flush=True)
 
 
 def _error_reply(msg: Message, client_id: int, exc: BaseException) -> Message:
@@ -86,10 +125,12 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord(info.to_config())}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    in_ray = "ray" in sys.modules  # a simulation actor (before training imports anything)
+def _handle(msg: Message, context: Context, op: str) -> Message:
+    """Run one ``train`` or ``evaluate`` message on the node's worker, else in this process."""
+    entered = time.time()
+    in_ray = "ray" in sys.modules  # a simulation actor (before the work imports anything)
     client_id = assigned_client_id(msg, context) if in_ray else client_id_of(context)
+    handoff: dict[str, float] = {}
     try:
         content = None
         if uses_worker(context):
@@ -97,15 +138,29 @@ def train(msg: Message, context: Context) -> Message:
 
             try:
                 content = request_train(msg.content, dict(context.node_config), context.state, client_id,
-                                        context.node_id)
+                                        context.node_id, op=op, timing=handoff)
             except WorkerUnavailable as exc:
-                LOG.warning("client %d: %s: %s; training in this process", client_id, type(exc).__name__, exc)
+                LOG.warning("client %d: %s: %s; running %s in this process", client_id, type(exc).__name__, exc, op)
         if content is None:
-            from clients.local import handle_train
+            from clients.local import handle_evaluate, handle_train
 
-            content = handle_train(msg.content, dict(context.node_config), context.state, client_id)
+            handler = handle_evaluate if op == "evaluate" else handle_train
+            content = handler(msg.content, dict(context.node_config), context.state, client_id)
         metrics: MetricRecord = content[METRICS]
         metrics["process_s"] = _process_age_s(in_ray)  # this ClientApp process's age when the reply is ready
+        if not in_ray:
+            _report_timing(msg, metrics, client_id, op, entered, handoff)
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a crashed client must not crash the round
         return _error_reply(msg, client_id, exc)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global adapter in the message on this client's held-out split (its masks applied)."""
+    return _handle(msg, context, "evaluate")

@@ -1,7 +1,9 @@
-"""A client's local work for one train message: the config from the message, the cached base
-model and tokenised partition, LoRA training (with pruning), and the reply's content.
+"""A client's local work for one message: the config from the message, the cached base model
+and tokenised partition, LoRA training (with pruning), and the reply's content.
 
-:func:`handle_train` is called by the ClientApp (:mod:`clients.app`) in its own process, or
+:func:`handle_train` serves a train message; :func:`handle_evaluate` an evaluate message: the
+global adapter, at the client's rank and under its own pruning masks, scored on the client's
+held-out split (``data.client_eval_fraction``), which its training split never contains. Both are called by the ClientApp (:mod:`clients.app`) in its own process, or
 by a node's persistent worker (:mod:`clients.worker`) that keeps torch, the model and the
 data loaded between rounds. The base model, the corpus and the client's tokenised partition
 are loaded once per process and reused.
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedtune.core.metric import metric_for_task
 from fedtune.core.protocol import (
     ARRAYS,
     CONFIG,
@@ -45,28 +48,34 @@ from fedtune.lora.transport import (
 from fedtune.models.loading import cached_base_model
 from fedtune.pruning.masks import masks_from_tensors, masks_to_tensors
 from fedtune.pruning.structure import Masks
-from fedtune.training.local import train_local
+from fedtune.training.local import evaluate_global, train_local
 
-__all__ = ["handle_train", "inject_fault", "RESIDUAL_STATE"]
+__all__ = ["RESIDUAL_STATE", "handle_evaluate", "handle_train", "inject_fault"]
 
 RESIDUAL_STATE = "fedtune.transport.residual"  # node-state ArrayRecord: what the last lossy reply could not carry
 
 LOG = logging.getLogger("fedtune.client")
 
 
-_PARTITIONS: OrderedDict[tuple[str, int], Tokenized] = OrderedDict()
+_PARTITIONS: OrderedDict[tuple[str, int, str], Tokenized] = OrderedDict()
 _MAX_PARTITIONS = 64  # a worker serving many virtual clients keeps the most recently used ones
 
 
-def client_partition(setup: ClientSetup, client_id: int) -> Tokenized:
-    """The client's tokenised partition, built once per process for a (setup, client) key."""
-    key = (json.dumps(setup.to_config(), sort_keys=True), client_id)
+def client_partition(setup: ClientSetup, client_id: int, split: str = "train") -> Tokenized:
+    """The client's tokenised training split (``split="train"``, its partition less its held-out
+    examples) or held-out evaluation split (``"eval"``), built once per process for a (setup,
+    client, split) key."""
+    key = (json.dumps(setup.to_config(), sort_keys=True), client_id, split)
     if key in _PARTITIONS:
         _PARTITIONS.move_to_end(key)
         return _PARTITIONS[key]
     base = cached_base_model(setup.model, setup.seed)  # for its tokenizer
     fed = cached_federated_data(setup.data, setup.model.task, setup.num_clients, setup.seed, setup.model.num_labels)
-    _PARTITIONS[key] = tokenize(fed.partition(client_id), base.tokenizer, setup.model.task, setup.model.max_length)
+    examples = fed.client_eval(client_id) if split == "eval" else fed.partition(client_id)
+    if split == "eval" and len(examples) == 0:
+        raise ValueError(f"no held-out examples (data.client_eval_fraction = {setup.data.client_eval_fraction},"
+                         f" partition of {len(fed.partition(client_id))})")
+    _PARTITIONS[key] = tokenize(examples, base.tokenizer, setup.model.task, setup.model.max_length)
     while len(_PARTITIONS) > _MAX_PARTITIONS:
         _PARTITIONS.popitem(last=False)
     return _PARTITIONS[key]
@@ -79,8 +88,8 @@ def _worker_name() -> str:
 
         if ray.is_initialized():
             return f"ray:{ray.get_runtime_context().get_node_id()[:12]}"
-    except Exception:  # noqa: BLE001 - informational only
-        pass
+    except Exception as exc:  # noqa: BLE001 - informational only
+        LOG.debug("no Ray node id: %s", exc)
     import socket
 
     return f"host:{socket.gethostname()}"
@@ -131,7 +140,7 @@ def reply_record(state: RecordDict, factors: Factors, head: dict[str, torch.Tens
 def inject_fault(kind: str, factors: Factors) -> Factors:
     """A corrupted copy of an update, for fault-injection tests (``[faults]`` in the config)."""
     out = {m: (a.clone(), b.clone()) for m, (a, b) in factors.items()}
-    first = sorted(out)[0]
+    first = min(out)
     a, b = out[first]
     if kind == "nan":
         b[0, 0] = float("nan")
@@ -195,3 +204,37 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
         metrics.prune_ratio, metrics.param_sparsity = result.sparsity, result.param_sparsity
     reply[METRICS] = MetricRecord(metrics.to_record())
     return reply
+
+
+def evaluation_masks(state: RecordDict, content: RecordDict) -> Masks | None:
+    """The masks a client evaluates under: its own (node state), else those the server last
+    accepted from it (sent in the message's ``masks`` record, e.g. after a resumed run), else none."""
+    masks, _ = load_prune_state(state)
+    if masks is None and MASKS in content.array_records:
+        masks = masks_from_tensors(content[MASKS].to_torch_state_dict())
+    return masks
+
+
+def handle_evaluate(content: RecordDict, node_config: dict[str, Any], state: RecordDict, client_id: int,
+                    on_crash: Callable[[], None] | None = None) -> RecordDict:
+    """Score the message's global adapter on this client's held-out split; returns the reply content
+    (``metrics``: eval loss, accuracy or perplexity, ``num_examples``; ``info``). Raises on any failure,
+    and when the client holds no evaluation example. ``state`` is read (masks), never changed."""
+    t0 = time.perf_counter()
+    request = TrainRequest.from_config(content[CONFIG])
+    setup = request.setup
+    torch.set_num_threads(setup.train.num_threads)
+    if request.client_id != client_id:
+        raise ValueError(f"message addressed to client {request.client_id}, this node is {client_id}")
+    if request.gpu_fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(request.gpu_fraction)
+    base = cached_base_model(setup.model, setup.seed)
+    data = client_partition(setup, client_id, "eval")
+    masks = evaluation_masks(state, content)
+    scores = evaluate_global(base, record_to_state(content[ARRAYS], request.transport_down), data, setup, masks=masks)
+    metric = metric_for_task(setup.model.task)
+    metrics = {"eval_loss": float(scores["eval_loss"]), metric.key: float(scores[metric.key]),
+               "num_examples": len(data), "client_id": client_id, "rank": request.rank,
+               "masked": int(masks is not None), "eval_time_s": time.perf_counter() - t0}
+    info = ReplyInfo(worker=_worker_name(), quantization=setup.model.quantization)
+    return RecordDict({METRICS: MetricRecord(metrics), INFO: ConfigRecord(info.to_config())})

@@ -10,9 +10,12 @@ by the ClientApp and kept alive until it is idle for ``--idle-timeout`` seconds,
 Protocol (no pickle: nothing on the socket can run code): a sequence of frames, each an 8-byte
 unsigned big-endian length followed by that many bytes of payload. A request opens with a JSON
 header frame. ``{"op": "ping"}`` is answered by the header ``{"ok": true, "pid": ...}`` alone.
-``{"op": "train", "client_id": ..., "node_config": {...}}`` is followed by two frames, the
+``{"op": "train", "client_id": ..., "node_config": {...}}`` (or ``"op": "evaluate"``, served by
+:func:`clients.local.handle_evaluate`) is followed by two frames, the
 message content and the node state as serialised Flower ``RecordDict`` protobufs; its reply is
-the header ``{"ok": true}`` followed by the reply content and the updated node state. A failure
+the header ``{"ok": true, "timing": {...}}`` followed by the reply content and the updated node
+state, where ``timing`` holds the worker's seconds spent reading and decoding the request
+(``read_s``), running it (``handle_s``) and encoding the reply (``encode_s``). A failure
 is answered by a header alone: ``{"ok": false, "error": ...}`` when training raised,
 ``{"ok": false, "crash": true}`` for an injected crash, and ``{"ok": false, "bad_request": true,
 "error": ...}`` when the request itself could not be read (a length over the limit, a payload
@@ -39,6 +42,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -64,6 +68,7 @@ CONN_TIMEOUT_ENV = "FEDTUNE_WORKER_CONN_TIMEOUT"
 _LENGTH = struct.Struct(">Q")
 
 Handler = Callable[..., RecordDict]  # handle_train(content, node_config, state, client_id, on_crash=...)
+OPS = ("train", "evaluate")  # the ops that carry a message
 
 
 class WorkerUnavailable(RuntimeError):
@@ -286,20 +291,36 @@ def _exchange(sock: socket.socket, frames: tuple[bytes, ...], max_bytes: int) ->
 
 
 def request_train(content: RecordDict, node_config: dict[str, Any], state: RecordDict, client_id: int, node_id: int,
-                  *, idle_timeout: float = 900.0, wait_s: float = 180.0) -> RecordDict:
-    """Have the node's worker train on ``content``; ``state`` is updated in place; returns the reply content.
+                  *, idle_timeout: float = 900.0, wait_s: float = 180.0, op: str = "train",
+                  timing: dict[str, float] | None = None) -> RecordDict:
+    """Have the node's worker train on ``content`` (``op="evaluate"``: evaluate it); ``state`` is updated
+    in place; returns the reply content.
 
     Raises :class:`WorkerError` when training raised in the worker, :class:`WorkerRejected` when
     the worker refused the request as unreadable, and :class:`WorkerUnavailable` (the base of
     both the latter) when no worker could be reached or the connection failed.
+
+    ``timing``, when given, receives the hand-off's seconds: ``encode_s`` (serialising the
+    request here), ``connect_s`` (reaching, or starting, the worker), ``exchange_s`` (from the
+    first byte sent to the reply's header), the worker's own ``worker_read_s``, ``worker_handle_s``
+    and ``worker_encode_s``, ``receive_s`` (reading and decoding the reply here) and ``total_s``.
     """
+    timing = {} if timing is None else timing
+    t0 = time.perf_counter()
     path = socket_path(node_id)
     max_bytes = max_frame_bytes()
-    header = {"op": "train", "client_id": client_id, "node_config": node_config}
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, not {op!r}")
+    header = {"op": op, "client_id": client_id, "node_config": node_config}
     frames = (json.dumps(header).encode(), _encode(content), _encode(state))  # before connecting: the worker waits
+    t1 = time.perf_counter()
     sock = _connect(path) or _start_worker(path, idle_timeout, wait_s)
+    t2 = time.perf_counter()
+    timing.update(encode_s=t1 - t0, connect_s=t2 - t1)
     with sock:
         reply = _exchange(sock, frames, max_bytes)
+        timing["exchange_s"] = time.perf_counter() - t2
+        _worker_timing(reply, timing)
         if reply.get("crash"):
             os._exit(3)  # an injected crash: this ClientApp process dies, as it would in-process
         if not reply.get("ok"):
@@ -317,7 +338,18 @@ def request_train(content: RecordDict, node_config: dict[str, Any], state: Recor
             del state[key]
     for key, value in new_state.items():
         state[key] = value
+    t3 = time.perf_counter()
+    timing.update(receive_s=t3 - t2 - timing["exchange_s"], total_s=t3 - t0)
     return out
+
+
+def _worker_timing(reply: dict[str, Any], timing: dict[str, float]) -> None:
+    """Copy the worker's own seconds (``read_s``, ``handle_s``, ``encode_s``) from its reply header."""
+    sent = reply.get("timing")
+    for key in ("read_s", "handle_s", "encode_s"):
+        value = sent.get(key) if isinstance(sent, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            timing[f"worker_{key}"] = float(value)
 
 
 def ping(node_id: int, timeout: float = 5.0) -> dict[str, Any]:
@@ -343,8 +375,11 @@ def _raise_crash() -> None:
     raise _Crash()
 
 
+LOG = logging.getLogger("fedtune.worker")
+
+
 def _log(text: str) -> None:
-    print(f"[fedtune] worker {os.getpid()}: {text}", flush=True)
+    LOG.info("worker %d: %s", os.getpid(), text)
 
 
 def _read_request(conn: socket.socket, max_bytes: int, deadline: float
@@ -353,7 +388,7 @@ def _read_request(conn: socket.socket, max_bytes: int, deadline: float
     op = header.get("op")
     if op == "ping":
         return header, None, None
-    if op != "train":
+    if op not in OPS:
         raise _BadFrame(f"unknown op {op!r}")
     client_id = header.get("client_id")
     if isinstance(client_id, bool) or not isinstance(client_id, int):
@@ -378,8 +413,10 @@ def _reply(conn: socket.socket, timeout: float, *frames: bytes) -> None:
         _log(f"reply not delivered ({type(exc).__name__}: {exc}); connection dropped")
 
 
-def _serve_one(conn: socket.socket, handler: Handler, max_bytes: int, conn_timeout: float) -> None:
+def _serve_one(conn: socket.socket, handler: Handler, max_bytes: int, conn_timeout: float,
+               evaluate: Handler | None = None) -> None:
     """Serve one connection; nothing it sends, or fails to send, escapes as an exception."""
+    t0 = time.perf_counter()
     try:
         header, content, state = _read_request(conn, max_bytes, time.monotonic() + conn_timeout)
     except (_BadFrame, OSError) as exc:
@@ -393,8 +430,15 @@ def _serve_one(conn: socket.socket, handler: Handler, max_bytes: int, conn_timeo
         return
     assert content is not None and state is not None
     try:
-        out = handler(content, header["node_config"], state, header["client_id"], on_crash=_raise_crash)
-        frames: tuple[bytes, ...] = (json.dumps({"ok": True}).encode(), _encode(out), _encode(state))
+        if header["op"] == "evaluate" and evaluate is None:
+            raise RuntimeError("this worker serves no evaluate requests")
+        run = evaluate if header["op"] == "evaluate" else handler
+        t1 = time.perf_counter()
+        out = run(content, header["node_config"], state, header["client_id"], on_crash=_raise_crash)
+        t2 = time.perf_counter()
+        body = (_encode(out), _encode(state))
+        timing = {"read_s": t1 - t0, "handle_s": t2 - t1, "encode_s": time.perf_counter() - t2}
+        frames: tuple[bytes, ...] = (json.dumps({"ok": True, "timing": timing}).encode(), *body)
     except _Crash:
         frames = (json.dumps({"ok": False, "crash": True}).encode(),)
     except Exception as exc:  # noqa: BLE001 - reported to the ClientApp, which names the client
@@ -403,12 +447,13 @@ def _serve_one(conn: socket.socket, handler: Handler, max_bytes: int, conn_timeo
 
 
 def serve(path: Path, idle_timeout: float, *, max_frame: int | None = None, conn_timeout: float | None = None,
-          handler: Handler | None = None) -> None:
+          handler: Handler | None = None, evaluate: Handler | None = None) -> None:
     """Serve the socket ``path`` until idle for ``idle_timeout`` seconds.
 
     ``max_frame`` (bytes) and ``conn_timeout`` (seconds) default to :func:`max_frame_bytes` and
-    :func:`conn_timeout_s`; ``handler`` runs a train request (default
-    :func:`clients.local.handle_train`, imported here, once). The socket's directory must be
+    :func:`conn_timeout_s`; ``handler`` runs a train request and ``evaluate`` an evaluate request
+    (default :func:`clients.local.handle_train` and :func:`~clients.local.handle_evaluate`, imported
+    here, once; a given ``handler`` alone serves no evaluate requests). The socket's directory must be
     private to this user (:class:`UnsafeWorkerDir` otherwise).
     """
     max_frame = max_frame_bytes() if max_frame is None else max_frame
@@ -420,7 +465,7 @@ def serve(path: Path, idle_timeout: float, *, max_frame: int | None = None, conn
     if handler is None:
         from clients import local  # the heavy imports happen once, here
 
-        handler = local.handle_train
+        handler, evaluate = local.handle_train, evaluate or local.handle_evaluate
 
     pid_file = path.with_suffix(".pid")
     pid_file.write_text(str(os.getpid()))
@@ -440,7 +485,7 @@ def serve(path: Path, idle_timeout: float, *, max_frame: int | None = None, conn
                 _log(f"idle for {idle_timeout:g}s; exiting")
                 return
             with conn:
-                _serve_one(conn, handler, max_frame, conn_timeout)
+                _serve_one(conn, handler, max_frame, conn_timeout, evaluate)
     finally:
         server.close()
         with contextlib.suppress(FileNotFoundError):
@@ -461,11 +506,15 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"seconds a connection has to deliver its request (default ${CONN_TIMEOUT_ENV}, "
                          f"else {DEFAULT_CONN_TIMEOUT:g})")
     args = ap.parse_args(argv)
+    console = logging.StreamHandler(sys.stdout)  # the worker's log file (see _start_worker)
+    console.setFormatter(logging.Formatter("[fedtune] %(message)s"))
+    LOG.addHandler(console)
+    LOG.setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped: remove the socket on the way out
     try:
         serve(args.socket, args.idle_timeout, max_frame=args.max_frame_bytes, conn_timeout=args.conn_timeout)
     except (UnsafeWorkerDir, ValueError) as exc:
-        print(f"[fedtune] worker: {exc}", file=sys.stderr, flush=True)
+        LOG.error("worker: %s", exc)
         sys.exit(2)
 
 

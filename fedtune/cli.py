@@ -5,12 +5,17 @@ line that names the key or argument (an unknown or invalid config key, a file th
 UTF-8 TOML, a run directory that is in use, a Ray cluster in ``simulation.ray_address`` that does
 not answer); 128 + N when signal N stopped a ``simulate`` run (143 for SIGTERM, 130 for SIGINT),
 after one line that names the last checkpointed round.
+
+Progress goes through :mod:`logging` (``fedtune.tracking``): ``[fedtune] ...`` lines on stdout
+(warnings on stderr) at INFO, or WARNING with ``fedtune --quiet``, DEBUG with ``fedtune --verbose``;
+``simulate`` and ``deploy`` also write every line, DEBUG included, to ``<run>/run.log``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,8 +27,11 @@ from fedtune.core.config import (
     config_to_toml,
     load_config,
 )
+from fedtune.tracking import configure_logging, run_log, tracker_classes
 
 __all__ = ["main"]
+
+LOG = logging.getLogger("fedtune.cli")
 
 FORCE_HELP = "overwrite a non-empty --out, or resume with a changed config"
 
@@ -42,6 +50,10 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning on Flower + Ray")
     p.add_argument("--version", action="version", version=f"fedtune {_version()}")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true", help="show warnings and errors only")
+    level.add_argument("-v", "--verbose", dest="log_verbose", action="store_true",
+                       help="show DEBUG lines too (each client of each round), and Flower's and Ray's logs")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -56,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<timestamp>)")
     sim.add_argument("--resume", action="store_true", help="resume from the run directory's checkpoint")
     sim.add_argument("--force", action="store_true", help=FORCE_HELP)
-    sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    sim.add_argument("--verbose", action="store_true", help="the same as `fedtune --verbose simulate`")
 
     dep = sub.add_parser("deploy", help="run an experiment on a local Flower deployment: a SuperLink and"
                                         " SuperNodes as processes on 127.0.0.1 (TLS and SuperNode auth on)")
@@ -94,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="check the experiment as `simulate` does before it starts (strategy,"
                                           " data set, model, LoRA targets, fleet) and print the resolved config")
     common(show)
+    show.add_argument("--explain", action="store_true",
+                      help="list every config key with its type, built-in default and description instead")
+    show.add_argument("--format", choices=("text", "markdown"), default="text",
+                      help="--explain output: a text table, or markdown (docs/config.md)")
     sub.add_parser("strategies", help="list registered strategies")
     return p
 
@@ -129,8 +145,8 @@ def _certs(args: argparse.Namespace) -> int:
 
     paths = generate_certificates(args.out, ("127.0.0.1", "localhost", "superlink", *args.host))
     keys = generate_node_keys(args.out / "keys", [f"supernode-{i}" for i in range(args.nodes)])
-    print(f"[fedtune] wrote {', '.join(p.name for p in paths.values())} and {len(keys)} SuperNode key pairs"
-          f" to {args.out} (private keys mode 0600)")
+    LOG.info("wrote %s and %d SuperNode key pairs to %s (private keys mode 0600)",
+             ", ".join(p.name for p in paths.values()), len(keys), args.out)
     return 0
 
 
@@ -144,7 +160,7 @@ def _compose(args: argparse.Namespace) -> int:
     nodes = (node_specs(cfg, args.nodes) if cfg and cfg.fleet.devices
              else [NodeSpec(i, args.nodes) for i in range(args.nodes)])
     for path in write_compose(args.dir, nodes):
-        print(f"[fedtune] wrote {path}")
+        LOG.info("wrote %s", path)
     return 0
 
 
@@ -157,16 +173,22 @@ def _report(args: argparse.Namespace) -> int:
                prefer_masked=not args.unmasked)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc).removeprefix("fedtune report: ")) from None
-    print(f"[fedtune] wrote {out / 'table.md'}, {out / 'summary.json'} and plots to {out}")
+    LOG.info("wrote %s, %s and plots to %s", out / "table.md", out / "summary.json", out)
     return 0
 
 
 def _config(args: argparse.Namespace) -> int:
+    if args.explain:
+        from fedtune.core.explain import render_markdown, render_text
+
+        print(render_markdown() if args.format == "markdown" else render_text(), end="")
+        return 0
     from fedtune.engine.simulation import preflight, quiet_library_warnings
 
     cfg = _load(args)
     quiet_library_warnings()
     preflight(cfg)
+    tracker_classes(cfg)
     print(config_to_toml(cfg), end="")
     return 0
 
@@ -181,27 +203,32 @@ def _simulate(args: argparse.Namespace) -> int:
     )
 
     cfg = _load(args)
-    prepare_environment(cfg, args.verbose)
+    verbose = args.verbose or args.log_verbose
+    prepare_environment(cfg, verbose)
     out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_run_dir(args, out, cfg)
     check_ray_address(cfg)
     preflight(cfg)
-    try:
-        summary = simulate(cfg, out, resume=args.resume, force=args.force, verbose=args.verbose)
-    except RunStopped as exc:
-        print(f"[fedtune] {exc}", file=sys.stderr, flush=True)
-        if not exc.clean:  # Ray is down, but threads of the run that wait on it would keep the process alive
-            sys.stdout.flush()
-            os._exit(exc.exit_status)
-        return exc.exit_status
-    metric = summary["metric"]
-    print(f"[fedtune] {metric}: {summary[f'initial_{metric}']:.4f} (round 0) -> {summary[f'final_{metric}']:.4f}"
-          f" (round {summary['rounds']}); outputs in {out}")
+    tracker_classes(cfg)  # a bad outputs.trackers entry fails here, before Ray starts
+    with run_log(out, mode="a" if args.resume else "w"):
+        try:
+            summary = simulate(cfg, out, resume=args.resume, force=args.force, verbose=verbose)
+        except RunStopped as exc:
+            LOG.warning("%s", exc)
+            if not exc.clean:  # Ray is down, but threads of the run that wait on it would keep the process alive
+                sys.stdout.flush()
+                os._exit(exc.exit_status)
+            return exc.exit_status
+        metric = summary["metric"]
+        LOG.info("%s: %.4f (round 0) -> %.4f (round %s); outputs in %s", metric, summary[f"initial_{metric}"],
+                 summary[f"final_{metric}"], summary["rounds"], out)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    verbose = args.log_verbose or getattr(args, "verbose", False)
+    configure_logging(logging.WARNING if args.quiet else logging.DEBUG if verbose else logging.INFO)
     commands = {"strategies": _strategies, "certs": _certs, "compose": _compose, "report": _report,
                 "config": _config, "deploy": lambda a: _deploy(a, _load(a)), "simulate": _simulate}
     try:
@@ -234,14 +261,23 @@ def _deploy(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     _check_run_dir(args, out, cfg)
     quiet_library_warnings()
     preflight(cfg)
+    tracker_classes(cfg)
     work_dir = args.work_dir or out / ("deployment-resumed" if args.resume else "deployment")
     try:
-        status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth,
-                           worker=not args.no_worker, resume=args.resume, force=args.force)
+        with run_log(out, mode="a" if args.resume else "w"):
+            status, _ = deploy(cfg, out, work_dir, tls=not args.insecure, auth=not args.no_auth,
+                               worker=not args.no_worker, resume=args.resume, force=args.force, say=_deploy_say)
     except RuntimeError as exc:  # a process that did not start, a refused registration, a failed flwr run
         print(f"fedtune: error: {exc} (logs in {work_dir / 'logs'})", file=sys.stderr)
         return 1
     return 0 if status == "finished:completed" else 1
+
+
+def _deploy_say(line: str) -> None:
+    """A line of ``deploy``'s progress. Its round lines repeat the server's, which the ServerApp's
+    process writes to the same run.log: they are marked ``echo`` and left out of it."""
+    text = line.removeprefix("[fedtune] ")
+    LOG.info("%s", text, extra={"echo": text.startswith("round ")})
 
 
 if __name__ == "__main__":

@@ -145,9 +145,10 @@ def method_config(s: dict[str, Any], method: str, seed: int, static: dict[str, i
 
 
 def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str, Any], meta: dict[str, Any],
-            log: Any) -> Path:
+            log: Any, ray_address: str = "") -> Path:
     """Run ``method`` with ``seed`` into ``<runs>/<setting>/<method>/seed<seed>/`` (a finished run is kept,
-    an interrupted one resumes); its ``experiment.json`` carries the setting's comparison keys."""
+    an interrupted one resumes); its ``experiment.json`` carries the setting's comparison keys.
+    ``ray_address`` attaches the run to that Ray cluster (``simulation.ray_address``)."""
     from fedtune.core.config import config_from_dict
     from fedtune.reporting.settings import comparison_settings
     from fedtune.round.checkpoint import has_checkpoint
@@ -164,6 +165,8 @@ def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str
          "sparsity": s["sparsity"], "metric": s["metric"], **judged,
          "methods": list(s["methods"]), "eval_size": config_from_dict(cfg).data.eval_size, **meta}, indent=2) + "\n")
     cmd = [sys.executable, "-m", "fedtune", "simulate", "--config", str(cfg_path), "--out", str(run_dir)]
+    if ray_address:
+        cmd += ["--set", f'simulation.ray_address="{ray_address}"']
     # an interrupted run resumes from its committed checkpoint; otherwise the run starts afresh in the
     # folder that already holds its experiment files (and whatever an interrupted start left)
     cmd.append("--resume" if has_checkpoint(run_dir / "checkpoint") else "--force")
@@ -212,6 +215,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "fedspine")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fedspine")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--ray-address", default="", help="run every simulation on this Ray cluster"
+                    " (host:port of `ray start --head`; simulation.ray_address) instead of a fresh local Ray each")
     args = ap.parse_args()
     settings = [load_setting(p) for p in args.settings]
     jobs: list[tuple[dict[str, Any], str, int]] = []
@@ -239,7 +244,8 @@ def main() -> None:
                 static, meta = grid(s)[choice], {"chosen": choice}
             if m.startswith("static-") or m == "best-static":
                 meta["static_ranks"] = static
-            dirs.append(run_one(s, m, seed, args.runs_dir, method_config(s, m, seed, static), meta, bar))
+            dirs.append(run_one(s, m, seed, args.runs_dir, method_config(s, m, seed, static), meta, bar,
+                                args.ray_address))
     print(f"[reproduce] {len(dirs)} runs in {time.time() - t0:.0f}s under {args.runs_dir}", flush=True)
     if not args.no_report:
         from fedtune.reporting.comparison import report

@@ -41,10 +41,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedtune.core.config import ConfigError, ExperimentConfig
+from fedtune.core.metric import metric_for_task
 from fedtune.core.protocol import (
     ARRAYS,
     CONFIG,
     IDENTIFY,
+    MASKS,
+    METRICS,
     QUERY_KIND,
     ClientKey,
     NodeIdentity,
@@ -69,11 +72,21 @@ from fedtune.lora.factors import (
     truncate_factors,
 )
 from fedtune.lora.records import RecordError, record_to_state, state_to_record
-from fedtune.pruning.masks import Masks, mask_segments, masks_from_bits, masks_to_bits
+from fedtune.pruning.masks import (
+    Masks,
+    mask_segments,
+    masks_from_bits,
+    masks_to_bits,
+    masks_to_tensors,
+)
 from fedtune.pruning.structure import LayerStructure
 from strategies.replies import ReplyDecoder
+from strategies.server_opt import build_server_optimizer, update_space
 
-__all__ = ["LoraStrategy", "RoundResult", "weighted_head_average"]
+__all__ = ["CLIENT_EVAL", "LoraStrategy", "RoundResult", "client_eval_summary", "weighted_head_average"]
+
+CLIENT_EVAL = "client_eval"  # metrics.jsonl round key: one record per client asked to evaluate that round
+ALL_DEVICES = "all"  # the device class of clients outside a simulated fleet, and the whole-sample row
 
 
 def weighted_head_average(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -179,11 +192,12 @@ class LoraStrategy(Strategy):
                  structure: list[LayerStructure] | None = None, fleet: FleetSimulator | None = None,
                  partition_size: Callable[[int], int] | None = None, **options: Any) -> None:
         if options:
-            key = sorted(options)[0]
+            key = min(options)
             raise ConfigError(
                 f"federation.strategy_args.{key}: unknown option for strategy {type(self).__name__!r}"
             )
         self.experiment = experiment
+        self.server_opt = build_server_optimizer(experiment.federation, self.name)  # None: the aggregate is the global
         self.global_rank = int(global_rank or experiment.lora.max_rank)
         if self.global_rank < 1:
             raise ConfigError(f"federation.strategy_args.global_rank: must be >= 1, got {global_rank}")
@@ -201,6 +215,8 @@ class LoraStrategy(Strategy):
         self._sent: dict[int, _Sent] = {}  # node -> what was sent to it this round
         self._prefailed: list[dict[str, Any]] = []
         self._result: dict[int, RoundResult] = {}
+        self._eval_sent: dict[int, _Sent] = {}  # node -> the client asked to evaluate this round
+        self._eval_records: list[dict[str, Any]] = []  # the last evaluate phase's per-client records
 
     # ------------------------------------------------------------------ the hook to override
 
@@ -577,10 +593,16 @@ class LoraStrategy(Strategy):
             return None, None
         updates.sort(key=lambda u: u.client_id)  # reply order varies; aggregation must not (bitwise resume)
         new_state = self.aggregate(updates, self.current)  # rules average each coordinate over its holders
+        pending = None
+        if self.server_opt is not None and is_finite_adapter(new_state.adapter, new_state.head) is None:
+            new_state, pending = self.server_opt.step(self.current, new_state, updates, update_space(self),
+                                                      self.global_rank)
         bad = is_finite_adapter(new_state.adapter, new_state.head) or is_finite_adapter(new_state.frozen)
         if bad is not None:
             log(WARNING, "round %d: aggregation produced non-finite %s; keeping the previous adapter", server_round, bad)
             return None, None
+        if pending is not None:  # the optimizer's moments advance only with an accepted state
+            self.server_opt.commit(pending)
         self.set_state(new_state)
         total = sum(u.num_examples for u in updates)
         train_loss = float(sum(u.train_loss * u.num_examples for u in updates) / total)
@@ -594,22 +616,160 @@ class LoraStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable strategy state saved with every checkpoint (restored on resume): the
-        simulated clock and every client's latest pruning masks."""
+        simulated clock, every client's latest pruning masks and the server optimizer's moments."""
         masks = {str(cid): masks_to_bits(cm) for cid, cm in sorted(self.client_masks.items())}
-        return {"sim_time_s": self.clock.sim_time_s if self.clock is not None else 0.0, "client_masks": masks,
-                "trained_rank": {str(cid): r for cid, r in sorted(self.trained_rank.items())}}
+        state = {"sim_time_s": self.clock.sim_time_s if self.clock is not None else 0.0, "client_masks": masks,
+                 "trained_rank": {str(cid): r for cid, r in sorted(self.trained_rank.items())}}
+        if self.server_opt is not None:
+            state["server_opt"] = self.server_opt.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.clock is not None:
             self.clock.sim_time_s = float(state.get("sim_time_s", 0.0))
         self.client_masks = {int(cid): masks_from_bits(bits) for cid, bits in state.get("client_masks", {}).items()}
         self.trained_rank = {int(cid): int(r) for cid, r in state.get("trained_rank", {}).items()}
+        if self.server_opt is not None and "server_opt" in state:
+            self.server_opt.load_state_dict(state["server_opt"])
+
+    # ------------------------------------------------------------------ federated evaluation
+
+    def evaluates_clients(self, server_round: int) -> bool:
+        """Whether ``server_round`` has a federated evaluate phase (``federation.evaluate_clients``,
+        every ``evaluate_clients_every`` rounds and in the last round)."""
+        fed = self.experiment.federation
+        return fed.evaluate_clients > 0 and (server_round % fed.evaluate_clients_every == 0
+                                             or server_round == fed.num_rounds)
+
+    def sample_evaluators(self, grid: Grid, server_round: int) -> list[int]:
+        """Seeded sample of ``federation.evaluate_clients`` mapped nodes (on a fleet, of the devices
+        available this round), drawn from its own stream: training's sample is untouched."""
+        self.discover_clients(grid)
+        nodes = sorted((n for n in grid.get_node_ids() if n in self.node_clients), key=lambda n: self.node_clients[n])
+        if self.fleet is not None:
+            nodes = [n for n in nodes if self.fleet.available(self.node_clients[n], server_round)]
+        size = min(self.experiment.federation.evaluate_clients, len(nodes))
+        return sorted(rng(self.experiment.seed, "evaluate", server_round).sample(nodes, size),
+                      key=lambda n: self.node_clients[n])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """fedtune evaluates the global adapter on the server's held-out set instead."""
-        return []
+        """One EVALUATE message per sampled node: the global adapter at the client's deployed rank,
+        the request (setup, rank, client id), and the client's last accepted masks when it prunes
+        (it evaluates under its own; these stand in when its node lost them)."""
+        self._eval_sent = {}
+        if not self.evaluates_clients(server_round):
+            return []
+        state, fed, exp = record_to_state(arrays), self.experiment.federation, self.experiment
+        messages = []
+        for node in self.sample_evaluators(grid, server_round):
+            cid = self.node_clients[node]
+            rank = self.deploy_rank(cid)  # no new policy draw
+            payload = state_to_record(self.client_payload(state, cid, rank), fed.transport_down)
+            request = TrainRequest(
+                server_round=server_round, client_id=cid, rank=rank, seed=derive_seed(exp.seed, "evaluate", server_round, cid),
+                setup=client_setup(exp, self.quantization_for(cid, rank)), train_a=self.trains_a,
+                gpu_fraction=self.gpu_fraction_for(cid), transport_down=fed.transport_down)
+            content = RecordDict({ARRAYS: payload, CONFIG: ConfigRecord({**dict(config), **request.to_config()})})
+            if cid in self.client_masks:
+                content[MASKS] = ArrayRecord(masks_to_tensors(self.client_masks[cid]))
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
+                                    group_id=str(server_round)))
+            self._eval_sent[node] = _Sent(cid, rank, time.time(), payload.count_bytes())
+        log(INFO, "configure_evaluate: round %d, %d clients", server_round, len(messages))
+        return messages
+
+    def eval_examples_cap(self, client_id: int) -> int | None:
+        """The most held-out examples a client can have: its training split t and the fraction f
+        give at most max(1, t f / (1 - f)) (:func:`fedtune.data.partition.client_eval_count`)."""
+        f = self.experiment.data.client_eval_fraction
+        if self.partition_size is None:
+            return None
+        if client_id not in self._partition_sizes:
+            self._partition_sizes[client_id] = int(self.partition_size(client_id))
+        return max(1, math.floor(self._partition_sizes[client_id] * f / (1.0 - f) + 1e-9))
+
+    def _eval_record(self, server_round: int, node: int, reply: Message) -> dict[str, Any]:
+        """One evaluate reply's record: its metrics when they are well-formed, else why not."""
+        sent = self._eval_sent[node]
+        rec: dict[str, Any] = {ClientKey.CLIENT_ID: sent.client_id, ClientKey.NODE_ID: node, ClientKey.RANK: sent.rank}
+        if self.fleet is not None:
+            rec[ClientKey.DEVICE] = self.fleet.device(sent.client_id).name
+        if reply.has_error():
+            log(WARNING, "round %d: evaluating client %d failed: %s", server_round, sent.client_id, reply.error.reason)
+            return {**rec, ClientKey.STATUS: Status.FAILED, ClientKey.REASON: str(reply.error.reason)}
+        metric = metric_for_task(self.experiment.model.task).key
+        try:
+            m = dict(reply.content[METRICS])
+            n, loss, value = m["num_examples"], float(m["eval_loss"]), float(m[metric])
+            cap = self.eval_examples_cap(sent.client_id)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (cap is not None and n > cap):
+                raise ValueError(f"num_examples {n!r} is not a count in [1, {cap or 'inf'}]")
+            bounded = 0.0 <= value <= 1.0 if metric == "eval_accuracy" else value >= 1.0
+            if not (math.isfinite(loss) and loss >= 0 and math.isfinite(value) and bounded):
+                raise ValueError(f"eval_loss {loss} or {metric} {value} out of range")
+        except (KeyError, TypeError, ValueError) as exc:
+            log(WARNING, "round %d: rejected evaluation of client %d: %s", server_round, sent.client_id, exc)
+            return {**rec, ClientKey.STATUS: Status.REJECTED, ClientKey.REASON: f"{type(exc).__name__}: {exc}"}
+        rec.update({ClientKey.STATUS: Status.OK, ClientKey.NUM_EXAMPLES: n, "eval_loss": loss, metric: value,
+                    "masked": bool(m.get("masked", 0)), ClientKey.REPLY_S: round(time.time() - sent.sent_at, 3)})
+        return rec
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Record every evaluating client (a failed, malformed or missing reply with its status and
+        reason); returns the example-weighted means over the accepted ones (None when there are none)."""
+        sent = self._eval_sent
+        records, seen = [], set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node in sent and node not in seen:
+                seen.add(node)
+                records.append(self._eval_record(server_round, node, reply))
+        for node, s in sent.items():
+            if node not in seen:
+                log(WARNING, "round %d: evaluating client %d sent no reply within the round timeout", server_round,
+                    s.client_id)
+                records.append({ClientKey.CLIENT_ID: s.client_id, ClientKey.NODE_ID: node, ClientKey.RANK: s.rank,
+                                **({ClientKey.DEVICE: self.fleet.device(s.client_id).name} if self.fleet else {}),
+                                ClientKey.STATUS: Status.FAILED, ClientKey.REASON: "no reply before the round timeout"})
+        self._eval_records = sorted(records, key=lambda r: r[ClientKey.CLIENT_ID])
+        overall = client_eval_summary(self._eval_records).get(ALL_DEVICES, {})
+        if not overall.get("clients"):
+            return None
+        return MetricRecord({k: v for k, v in overall.items() if isinstance(v, (int, float))})
+
+    def federated_evaluate(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[dict[str, Any]]:
+        """The round's evaluate phase on ``grid`` (:meth:`configure_evaluate`, Flower's
+        ``send_and_receive`` within ``federation.round_timeout_s``, :meth:`aggregate_evaluate`):
+        the per-client records, [] when the round has none."""
+        messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord({}), grid))
+        if not messages:
+            return []
+        replies = grid.send_and_receive(messages, timeout=self.experiment.federation.round_timeout_s)
+        self.aggregate_evaluate(server_round, replies)
+        return self._eval_records
+
+
+def client_eval_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per device class (``all`` outside a fleet) and over the whole sample (``all``): the clients
+    that evaluated (``clients``), those that did not (``failed``), their held-out examples and the
+    example-weighted means of ``eval_loss`` and ``eval_accuracy``; for a causal LM the perplexity
+    is exp of the weighted mean loss (the perplexity of the pooled examples, per example)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        for key in {r.get(ClientKey.DEVICE) or ALL_DEVICES, ALL_DEVICES}:
+            groups.setdefault(key, []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for key, rs in sorted(groups.items()):
+        ok = [r for r in rs if r.get(ClientKey.STATUS) == Status.OK]
+        total = sum(int(r[ClientKey.NUM_EXAMPLES]) for r in ok)
+        row: dict[str, Any] = {"clients": len(ok), "failed": len(rs) - len(ok), "num_examples": total}
+        if total > 0:
+            row["eval_loss"] = sum(r["eval_loss"] * r[ClientKey.NUM_EXAMPLES] for r in ok) / total
+            if all("eval_accuracy" in r for r in ok):
+                row["eval_accuracy"] = sum(r["eval_accuracy"] * r[ClientKey.NUM_EXAMPLES] for r in ok) / total
+            else:
+                row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+        out[key] = row
+    return out

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +10,49 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SHARED_RAY_TMPDIR = "/tmp/fedtune-ray-shared"
+
+
+def stop_ray_under(temp_dir: str) -> None:
+    """Stop the Ray cluster whose processes name their session directory under ``temp_dir`` on
+    their command lines (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in p.info["cmdline"] or []):
+            procs.append(p)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> str:
+    """One local Ray cluster (`ray start --head`, every CPU of the machine, 127.0.0.1) for the
+    simulations of a test session: runs attach to it with ``simulation.ray_address`` instead of
+    starting and stopping Ray each time. Yields its address; stopped at the end of the session."""
+    from fedtune.deploy.processes import free_port
+
+    port = free_port()
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "RAY_TMPDIR": SHARED_RAY_TMPDIR, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.run([f"{bindir}/ray", "start", "--head", f"--port={port}", "--include-dashboard=false",
+                           f"--temp-dir={SHARED_RAY_TMPDIR}", f"--num-cpus={os.cpu_count() or 1}",
+                           "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    if head.returncode != 0:
+        stop_ray_under(SHARED_RAY_TMPDIR)
+        pytest.fail(f"ray start --head failed:\n{head.stderr[-2000:]}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_ray_under(SHARED_RAY_TMPDIR)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "fedtune.core": 0,
+    "fedtune.tracking": 1,
     "fedtune.models": 1, "fedtune.lora": 1, "fedtune.data": 1,
     "fedtune.pruning": 2, "fedtune.fleet": 2,
     "fedtune.training": 3,

@@ -1,6 +1,7 @@
 """Real Ray simulations of the tiny model through the CLI (marked ``integration``)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,16 +10,29 @@ import tomllib
 import pytest
 import torch
 
-from fedtune.deploy.processes import flwr_env, free_port
+from fedtune.deploy.processes import free_port
 from fedtune.round.checkpoint import has_checkpoint, read_checkpoint_meta
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_ray_under
 
 pytestmark = pytest.mark.integration
 SMOKE = ROOT / "simulations" / "smoke.toml"
 
 
+RAY = {}  # the session's shared Ray cluster (tests/conftest.py::shared_ray)
+
+
+@pytest.fixture(autouse=True)
+def _attach_to_shared_ray(shared_ray):
+    RAY["address"] = shared_ray
+
+
 def run_cli(*args, timeout=400):
+    """``python -m fedtune ARGS``; a simulation attaches to the session's Ray cluster (a ``--set``
+    of ``simulation.ray_address`` later in ARGS overrides it)."""
     env = {**os.environ, "RAY_TMPDIR": "/tmp/fedtune-ray-test", "PYTHONUNBUFFERED": "1"}
+    args = list(args)
+    if args[:1] == ["simulate"] and RAY.get("address"):
+        args[1:1] = ["--set", f'simulation.ray_address="{RAY["address"]}"']
     proc = subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return proc
@@ -26,9 +40,23 @@ def run_cli(*args, timeout=400):
 
 def test_smoke_simulation_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("simulate", "--config", str(SMOKE), "--out", str(out))
+    proc = run_cli("simulate", "--config", str(SMOKE), "--out", str(out), "--set", "outputs.tensorboard=true",
+                   "--set", "outputs.adapter_every=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "round   2/2" in proc.stdout  # per-round progress
+    assert "[fedtune] round   2/2" in proc.stdout  # per-round progress
+    run_log = (out / "run.log").read_text()  # the same lines, and each client's at DEBUG
+    assert "INFO    fedtune.round: round   2/2 | clients 4/4 ok" in run_log
+    assert "DEBUG   fedtune.round: round 2: client 3:" in run_log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 1, 2]
+    assert sorted(p.name for p in (out / "adapter").glob("round-*")) == ["round-2"]
+    from safetensors.torch import load_file
+
+    final, round_2 = (load_file(out / "adapter" / d / "adapter_model.safetensors") for d in (".", "round-2"))
+    assert final.keys() == round_2.keys() and all(torch.equal(final[k], round_2[k]) for k in final)  # the last round
 
     cfg = tomllib.loads((out / "config.toml").read_text())
     assert cfg["model"]["name"] == "tiny-bert" and cfg["federation"]["num_clients"] == 4
@@ -124,45 +152,6 @@ def test_a_stopped_server_resumes_from_its_checkpoint(tmp_path):
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
-def test_flwr_run_against_a_simulation_superlink(tmp_path):
-    """The repository is a Flower app: `flwr run .` on a local simulation SuperLink."""
-    import signal
-    import time
-
-    port = free_port()
-    home = tmp_path / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-sim"\n\n[superlink.local-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    bindir = os.path.dirname(sys.executable)
-    env = flwr_env(home, {"RAY_TMPDIR": "/tmp/fedtune-ray-flwr"})
-    link = subprocess.Popen(
-        [f"{bindir}/flower-superlink", "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-         "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
-        env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    out = tmp_path / "run"
-    try:
-        time.sleep(5)
-        run = subprocess.run(
-            [f"{bindir}/flwr", "run", ".", "local-sim", "--stream",
-             "--run-config", f'experiment="simulations/smoke.toml" out-dir="{out}"',
-             "--federation-config", "num-supernodes=4 client-resources-num-cpus=1"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-        assert "round   2/2" in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
-        ls = subprocess.run([f"{bindir}/flwr", "ls", "local-sim", "--format", "json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
-        runs = json.loads(ls.stdout)["runs"]
-        assert [r["status"] for r in runs] == ["finished:completed"]
-        assert json.loads((out / "summary.json").read_text())["rounds"] == 2
-        assert (out / "adapter" / "adapter_config.json").is_file()
-    finally:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-
-
 def test_clients_prune_while_training_and_export_their_models(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("simulate", "--config", str(SMOKE), "--out", str(out), "--set", "prune.ratio=0.5",
@@ -185,11 +174,14 @@ def test_clients_prune_while_training_and_export_their_models(tmp_path):
 
 def test_fedspine_on_a_fleet_smoke(tmp_path):
     """simulations/fleet_smoke.toml: 10 devices of 3 classes, S-UCB picks rank and ratio per client;
-    TX2s train on an NF4 base, Xavier NXs on int8 (bitsandbytes' CPU backend), AGXs in fp32."""
+    TX2s train on an NF4 base, Xavier NXs on int8 (bitsandbytes' CPU backend), AGXs in fp32. In the
+    last round every available device evaluates the global adapter on its own held-out split."""
     out = tmp_path / "run"
     proc = run_cli("simulate", "--config", str(ROOT / "simulations" / "fleet_smoke.toml"), "--out", str(out),
                    "--set", 'model.quantization_by_device.jetson-tx2="nf4"',
-                   "--set", 'model.quantization_by_device.jetson-xavier-nx="int8"')
+                   "--set", 'model.quantization_by_device.jetson-xavier-nx="int8"',
+                   "--set", "data.client_eval_fraction=0.1", "--set", "federation.evaluate_clients=10",
+                   "--set", "federation.evaluate_clients_every=3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["sim_time_s"] for r in lines]
@@ -211,6 +203,21 @@ def test_fedspine_on_a_fleet_smoke(tmp_path):
     assert min(tx2) > max(agx)  # the slow class is slower for the same work
     meta = read_checkpoint_meta(out / "checkpoint")
     assert meta["strategy"]["policy"]["learners"] and meta["strategy"]["sim_time_s"] == pytest.approx(times[-1], abs=1e-3)
+    # the federated evaluate phase: per-client records of the last round, summed up per device class
+    assert all("client_eval" not in r for r in lines[:-1])
+    evals = lines[-1]["client_eval"]
+    assert evals and all(e["status"] == "ok" for e in evals), evals
+    for e in evals:
+        assert e["num_examples"] > 0 and 0.0 <= e["eval_accuracy"] <= 1.0 and math.isfinite(e["eval_loss"])
+        assert e["masked"] == (str(e["client_id"]) in meta["strategy"]["client_masks"])
+    assert any(e["masked"] for e in evals)
+    by_device = json.loads((out / "summary.json").read_text())["client_eval"]["by_device"]
+    assert set(by_device) == {e["device"] for e in evals} | {"all"}
+    for device, row in by_device.items():
+        mine = [e for e in evals if device in ("all", e["device"])]
+        n = sum(e["num_examples"] for e in mine)
+        assert row["clients"] == len(mine) and row["num_examples"] == n
+        assert row["eval_accuracy"] == pytest.approx(sum(e["eval_accuracy"] * e["num_examples"] for e in mine) / n)
 
 
 def test_simulation_attaches_to_a_two_node_ray_cluster(tmp_path):
@@ -235,24 +242,7 @@ def test_simulation_attaches_to_a_two_node_ray_cluster(tmp_path):
         assert all(c["status"] == "ok" for c in last["clients"])
         assert len({c["worker"] for c in last["clients"]}) == 2  # both nodes ran clients
     finally:
-        _stop_ray_under("/tmp/fedtune-ray-cl")
-
-
-def _stop_ray_under(temp_dir):
-    """Stop this test's cluster only (`ray stop` would stop every Ray on the machine): its
-    processes name their session directory under ``temp_dir`` on their command lines."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in arg for arg in p.info["cmdline"] or []):
-            procs.append(p)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+        stop_ray_under("/tmp/fedtune-ray-cl")
 
 
 def _peft_eval_loss(out):

@@ -106,10 +106,10 @@ def test_report_of_a_missing_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.integration
-def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path):
+def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path, shared_ray):
     runs, out = tmp_path / "runs", tmp_path / "report"
     cmd = [sys.executable, "simulations/reproduce.py", "--settings", "simulations/reproduce_smoke.toml",
-           "--runs-dir", str(runs), "--out", str(out)]
+           "--runs-dir", str(runs), "--out", str(out), "--ray-address", shared_ray]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "8 runs" in proc.stdout and "smoke/fedspine/seed1" in proc.stdout  # progress bar names the run

@@ -449,13 +449,14 @@ def test_a_client_decodes_the_int8_payload_and_answers_in_int8_with_feedback():
 
 
 @pytest.mark.integration
-def test_a_ray_run_with_int8_transport_both_ways(tmp_path):
+def test_a_ray_run_with_int8_transport_both_ways(tmp_path, shared_ray):
     from fedtune.models.loading import cached_base_model
     from fedtune.training.local import head_state, lora_shapes
 
     smoke = ROOT / "simulations" / "smoke.toml"
     out = tmp_path / "run"
-    sets = ['federation.transport_up="int8"', 'federation.transport_down="int8"', "federation.num_rounds=2"]
+    sets = ['federation.transport_up="int8"', 'federation.transport_down="int8"', "federation.num_rounds=2",
+            f'simulation.ray_address="{shared_ray}"']
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "RAY_TMPDIR": "/tmp/ftq8", "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "fedtune", "simulate", "--config", str(smoke), "--out", str(out)]

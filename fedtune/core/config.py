@@ -20,7 +20,7 @@ from typing import Any
 
 import tomli_w
 
-__all__ = ["ConfigError", "ModelConfig", "LoraSettings", "DataConfig", "TrainConfig", "FederationConfig", "PruneConfig", "FleetConfig", "PolicyConfig", "SimulationConfig", "ExperimentConfig", "load_config", "config_from_dict", "ray_host_port", "config_to_dict", "config_to_toml", "parse_overrides"]
+__all__ = ["ConfigError", "ModelConfig", "LoraSettings", "DataConfig", "TrainConfig", "FederationConfig", "PruneConfig", "FleetConfig", "PolicyConfig", "SimulationConfig", "OutputsConfig", "ExperimentConfig", "load_config", "config_from_dict", "ray_host_port", "config_to_dict", "config_to_toml", "parse_overrides"]
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # dtype of 4-bit matmuls (bfloat16 on GPUs that have it)
     device: str = "auto"  # where clients train: "auto" (CUDA when visible), "cpu" or "cuda"
     dtype: str = "float32"  # dtype of the (unquantized) base weights: float32, bfloat16 or float16
-    head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])
+    head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])  # classification: names of the task-head modules (trained and averaged with the adapter)
 
     def __post_init__(self) -> None:
         _one_of("model.task", self.task, TASKS)
@@ -77,7 +77,7 @@ class LoraSettings:
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16])  # client i gets ranks[i % len]
     rank_overrides: dict[str, int] = field(default_factory=dict)  # client id -> rank
     alpha: float = 16.0  # peft lora_alpha; the scale is alpha / rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # peft lora_dropout on the adapter input, in [0, 1)
     target_modules: list[str] = field(default_factory=list)  # [] = per architecture (query/value, q_proj/v_proj)
     # rank-stabilised scale alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023; peft's use_rslora) instead of
     # alpha / r, so clients of different ranks take steps of comparable size
@@ -109,6 +109,10 @@ class DataConfig:
     dataset: str = "rotten-tomatoes"  # packaged name, path to .jsonl/.csv, or "hf:<name>"
     text_key: str = "text"  # for files and HF datasets
     label_key: str = "label"  # for files and HF datasets (classification)
+    # causal LM instruction data: the prompt column (chatterbot: "question"); set together with
+    # response_key, every example is formatted as a user turn and an assistant turn; "" = plain text
+    prompt_key: str = ""
+    response_key: str = ""  # instruction data: the response column (chatterbot: "answer"); see prompt_key
     split: str = "train"  # HF datasets only
     partitioner: str = "dirichlet"  # any flwr-datasets partitioner (iid, dirichlet, natural-id, ...)
     partition_by: str = "label"  # column for label skew or natural ids
@@ -116,20 +120,37 @@ class DataConfig:
     partitioner_args: dict[str, Any] = field(default_factory=dict)
     eval_size: int = 400  # held-out server evaluation examples
     max_examples: int = 0  # cap on the whole corpus before the split; 0 = all
+    # fraction of each client's partition held out as its own evaluation split (seeded; never
+    # trained on), for the federated evaluate phase (federation.evaluate_clients); 0 = none
+    client_eval_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _positive("data.eval_size", self.eval_size)
+        if not (math.isfinite(self.client_eval_fraction) and 0.0 <= self.client_eval_fraction < 1.0):
+            raise ConfigError(f"data.client_eval_fraction: must be in [0, 1), got {self.client_eval_fraction}")
         if self.max_examples < 0:
             raise ConfigError(f"data.max_examples: must be >= 0, got {self.max_examples}")
+        if bool(self.prompt_key) != bool(self.response_key):
+            missing = "data.response_key" if self.prompt_key else "data.prompt_key"
+            raise ConfigError(f"{missing}: data.prompt_key and data.response_key are set together (instruction"
+                              f" data) or not at all; got prompt_key={self.prompt_key!r},"
+                              f" response_key={self.response_key!r}")
+        if self.prompt_key and self.prompt_key == self.response_key:
+            raise ConfigError(f"data.response_key: must differ from data.prompt_key, both {self.prompt_key!r}")
+
+    @property
+    def instruction(self) -> bool:
+        """Whether the data set is prompt/response pairs (both keys set)."""
+        return bool(self.prompt_key and self.response_key)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = 20  # optimizer steps per client per round
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    eval_batch_size: int = 64
+    batch_size: int = 16  # training examples per local step
+    learning_rate: float = 2e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    eval_batch_size: int = 64  # examples per batch in evaluation
     num_threads: int = 1  # torch threads per client (match simulation.num_cpus_per_client)
     logit_adjustment: float = 1.0  # classification: tau of the local label-prior logit adjustment; 0 = off
     # causal LM: the cross-entropy over the vocabulary in chunks of this many tokens, each chunk's
@@ -137,23 +158,33 @@ class TrainConfig:
     # more tokens than one chunk); 0 = off
     loss_chunk_tokens: int = 1024
     gradient_checkpointing: bool = False  # recompute the decoder's activations in the backward pass
+    # instruction data (data.prompt_key / response_key): "response" puts the loss on the response tokens
+    # only (prompt and padding labels are -100, in training and evaluation); "all" on every token
+    loss_on: str = "response"
+    lr_schedule: str = "constant"  # learning rate over a round's local steps: "constant", "cosine" or "linear" (to 0)
+    warmup_steps: int = 0  # local steps of linear warm-up to train.learning_rate at the start of every round
+    max_grad_norm: float = 0.0  # clip the trainable parameters' gradient to this global L2 norm each step; 0 = off
 
     def __post_init__(self) -> None:
         _positive("train.local_steps", self.local_steps)
+        _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _non_negative("train.warmup_steps", self.warmup_steps)
+        _non_negative("train.max_grad_norm", self.max_grad_norm)
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"train.loss_chunk_tokens: must be >= 0, got {self.loss_chunk_tokens}")
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_batch_size", self.eval_batch_size)
         _positive("train.num_threads", self.num_threads)
         _non_negative("train.logit_adjustment", self.logit_adjustment)
+        _one_of("train.loss_on", self.loss_on, ("response", "all"))
         _positive("train.learning_rate", self.learning_rate)
         _non_negative("train.weight_decay", self.weight_decay)
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    num_clients: int = 20
-    num_rounds: int = 10
+    num_clients: int = 20  # clients (data partitions) in the federation
+    num_rounds: int = 10  # federated rounds to run
     clients_per_round: int = 0  # a number of clients; 0 means use fraction_train
     fraction_train: float = 0.3  # fraction of available clients sampled per round
     min_clients: int = 2  # never sample fewer than this
@@ -162,6 +193,10 @@ class FederationConfig:
     round_timeout_s: float = 3600.0  # per-round deadline: replies later than this are dropped
     min_replies: int = 1  # fewer valid updates than this leave the global adapter unchanged
     evaluate_every: int = 1  # server-side evaluation period in rounds
+    # federated evaluation: this many clients (seeded sample) evaluate the global adapter on their
+    # own held-out split (data.client_eval_fraction) in Flower's evaluate phase; 0 = off
+    evaluate_clients: int = 0
+    evaluate_clients_every: int = 1  # period in rounds of the federated evaluation (and always the last round)
     # pruning runs: each evaluation also scores the global adapter under the masks of this many of the
     # round's sampled devices (the first by client id that have masks), recorded as masked_eval_*;
     # reports measure time to target on it. 0 = off
@@ -180,9 +215,23 @@ class FederationConfig:
     # with a lossy transport_up, a client adds what its last reply could not carry (value minus
     # decoded value, kept in its node state) to its next reply before encoding
     error_feedback: bool = True
+    # server optimizer on each round's aggregated update (strategies/server_opt.py; Reddi et al., ICLR 2021):
+    # "none" (the aggregate is the new global adapter), "avgm", "adam", "yogi" or "adagrad"
+    server_optimizer: str = "none"
+    server_lr: float = 1.0  # server learning rate (eta) of the server optimizer
+    server_momentum: float = 0.0  # FedAvgM's momentum, in [0, 1)
+    server_beta1: float = 0.9  # first-moment decay of adam, yogi and adagrad, in [0, 1)
+    server_beta2: float = 0.99  # second-moment decay of adam and yogi, in [0, 1)
+    server_tau: float = 1e-3  # adaptivity (added to the root of the second moment) of adam, yogi and adagrad
 
     def __post_init__(self) -> None:
         _positive("federation.num_clients", self.num_clients)
+        _one_of("federation.server_optimizer", self.server_optimizer, ("none", "avgm", "adam", "yogi", "adagrad"))
+        _positive("federation.server_lr", self.server_lr)
+        _positive("federation.server_tau", self.server_tau)
+        for key in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"federation.{key}: must be in [0, 1), got {getattr(self, key)}")
         for key, codec in (("transport_down", self.transport_down), ("transport_up", self.transport_up)):
             _one_of(f"federation.{key}", codec, ("fp32", "fp16", "bf16", "int8"))
         if self.num_rounds < 0:
@@ -196,6 +245,10 @@ class FederationConfig:
             raise ConfigError(f"federation.fraction_train: must be in (0, 1], got {self.fraction_train}")
         _positive("federation.min_clients", self.min_clients)
         _positive("federation.evaluate_every", self.evaluate_every)
+        _positive("federation.evaluate_clients_every", self.evaluate_clients_every)
+        if not 0 <= self.evaluate_clients <= self.num_clients:
+            raise ConfigError(f"federation.evaluate_clients: must be in [0, num_clients={self.num_clients}],"
+                              f" got {self.evaluate_clients}")
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _positive("federation.min_replies", self.min_replies)
         if self.masked_eval_clients < 0:
@@ -273,15 +326,16 @@ class FleetConfig:
     # speed that no profile shows, drawn from the run's seed; [] = off (the class-determined fleet).
     # "log-uniform" reads [low, high] as a range, "choice" picks one of the listed values
     hidden_compute: list[float] = field(default_factory=list)  # e.g. [0.5, 1.0] with "choice"
-    hidden_compute_draw: str = "log-uniform"
-    hidden_link: list[float] = field(default_factory=list)  # e.g. [0.25, 4.0]
-    hidden_link_draw: str = "log-uniform"
+    hidden_compute_draw: str = "log-uniform"  # how hidden_compute is drawn: "log-uniform" or "choice"
+    hidden_link: list[float] = field(default_factory=list)  # the same for link speed (both directions), e.g. [0.25, 4.0]
+    hidden_link_draw: str = "log-uniform"  # how hidden_link is drawn: "log-uniform" or "choice"
     # drift: this fraction of the devices switches between states (a Markov chain from "normal")
     # every drift_every rounds, keeping its state with probability drift_stay; a state is
     # [compute multiplier, link multiplier]
     drift_fraction: float = 0.0
-    drift_every: int = 0
-    drift_stay: float = 0.5
+    drift_every: int = 0  # rounds between state changes of drifting devices (>= 1 when drift_fraction > 0)
+    drift_stay: float = 0.5  # probability that a drifting device keeps its state at a change
+    # drift states besides "normal": name -> [compute multiplier, link multiplier]
     drift_states: dict[str, list[float]] = field(
         default_factory=lambda: {"background-load": [0.5, 1.0], "congested-link": [1.0, 0.25]})
 
@@ -318,7 +372,7 @@ class FleetConfig:
 class PolicyConfig:
     name: str = "s-ucb"  # bandit of the fedspine strategy: registry name, module:Class or file.py:Class
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # arm grid / range
-    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])  # LoRA ranks the bandit chooses from
     target_sparsity: float = 0.3  # the reward's pruning-progress target
     # "target": an arm's ratio is the sparsity the client prunes toward this round; "step": it is
     # how much further to prune this round, capped at target_sparsity (every client ends there)
@@ -328,7 +382,7 @@ class PolicyConfig:
     # max(the round's floor, round_time_bound x the round's median predicted seconds at the cheapest
     # arms); round_time_bound_s > 0 replaces the multiple with a fixed bound in seconds
     round_time_bound: float = 1.5
-    round_time_bound_s: float = 0.0
+    round_time_bound_s: float = 0.0  # fixed round-time bound in seconds instead of the multiple; 0 = off
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.round_time_bound) or self.round_time_bound < 1.0:
@@ -349,9 +403,9 @@ SIMULATION_BACKENDS = ("ray",)  # Flower's simulation engine has one backend
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    backend: str = "ray"
-    num_cpus_per_client: float = 1.0
-    num_gpus_per_client: float = 0.0
+    backend: str = "ray"  # Flower simulation engine backend (only "ray")
+    num_cpus_per_client: float = 1.0  # CPUs reserved per client worker (match train.num_threads)
+    num_gpus_per_client: float = 0.0  # GPUs (or a fraction of one) reserved per client worker
     ray_tmpdir: str = "/tmp/fedtune-ray"  # keep short: Ray's socket path must stay < 107 bytes
     # attach to a running Ray cluster: "host:port" of `ray start --head`, "ray://host:port" (Ray
     # Client) or "auto" (the cluster `ray start` left on this machine); "" = start a local one
@@ -361,9 +415,14 @@ class SimulationConfig:
     # on a GPU: each device class's share of the GPU (e.g. {jetson-tx2 = 0.1, jetson-agx-xavier = 0.25}):
     # a client of that class trains under that CUDA memory cap; Ray reserves the largest share per worker
     gpu_fraction_by_device: dict[str, float] = field(default_factory=dict)
+    # how Flower's engine hands messages to the workers: "pending" visits only the nodes with an undelivered
+    # message (a round's cost does not grow with the registered clients; fedtune/engine/dispatch.py),
+    # "flower" runs Flower's thread as it is (every registered node, every 0.1 s)
+    dispatch: str = "pending"
 
     def __post_init__(self) -> None:
         _one_of("simulation.backend", self.backend, SIMULATION_BACKENDS)
+        _one_of("simulation.dispatch", self.dispatch, ("pending", "flower"))
         for dev, f in self.gpu_fraction_by_device.items():
             if not 0.0 < f <= 1.0:
                 raise ConfigError(f"simulation.gpu_fraction_by_device.{dev}: must be in (0, 1], got {f}")
@@ -403,9 +462,9 @@ class FaultConfig:
     ``missing``: a module is left out. ``rounds``: the rounds it happens in (empty: every round).
     """
 
-    clients: dict[str, str] = field(default_factory=dict)
-    rounds: list[int] = field(default_factory=list)
-    hang_s: float = 60.0
+    clients: dict[str, str] = field(default_factory=dict)  # client id -> fault kind (raise, crash, hang, nan, shape, rank, missing)
+    rounds: list[int] = field(default_factory=list)  # rounds the faults happen in; [] = every round
+    hang_s: float = 60.0  # how long a "hang" client sleeps before replying (seconds)
 
     def __post_init__(self) -> None:
         for cid, kind in self.clients.items():
@@ -437,11 +496,11 @@ class DefenseConfig:
     client's rank plus 64 KiB).
     """
 
-    norm_multiple: float = 3.0
-    norm_cap: float = 0.0
-    on_excess: str = "clip"
-    max_examples: int = 0
-    max_reply_bytes: int = 0
+    norm_multiple: float = 3.0  # bound on an update's L2 norm as a multiple of the round's median; 0 = none
+    norm_cap: float = 0.0  # fixed bound on an update's L2 norm; 0 = none
+    on_excess: str = "clip"  # an update past the bound: "clip" (scaled down to it) or "reject"
+    max_examples: int = 0  # cap on a client's num_examples; 0 = the size of its assigned partition
+    max_reply_bytes: int = 0  # cap on an adapter reply's encoded size; 0 = expected size at its rank + 64 KiB
 
     def __post_init__(self) -> None:
         for key in ("norm_multiple", "norm_cap"):
@@ -458,20 +517,39 @@ class DefenseConfig:
 
 
 @dataclass(frozen=True)
+class OutputsConfig:
+    """What a run writes besides metrics.jsonl, summary.json, the final adapter and checkpoints."""
+
+    tensorboard: bool = False  # TensorBoard event files under <run>/tensorboard/ (needs the tensorboard package)
+    # more trackers of the per-round scalars: "tensorboard", package.module:Class or path/to/file.py:Class
+    # (a class with fedtune.tracking.Tracker's methods, constructed with the run directory)
+    trackers: list[str] = field(default_factory=list)
+    adapter_every: int = 0  # also export the global adapter to adapter/round-N/ every N rounds; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.adapter_every < 0:
+            raise ConfigError(f"outputs.adapter_every: must be >= 0, got {self.adapter_every}")
+        for i, spec in enumerate(self.trackers):
+            if not spec.strip():
+                raise ConfigError(f"outputs.trackers[{i}]: empty tracker name")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "default"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    fleet: FleetConfig = field(default_factory=FleetConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    faults: FaultConfig = field(default_factory=FaultConfig)
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    name: str = "default"  # run name: outputs go to runs/<name>-<time>
+    seed: int = 0  # seeds every random stream of the run (partitions, sampling, init, fleet)
+    model: ModelConfig = field(default_factory=ModelConfig)  # base model, task and quantization
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA adapters and client ranks
+    data: DataConfig = field(default_factory=DataConfig)  # dataset and its partitioning into clients
+    train: TrainConfig = field(default_factory=TrainConfig)  # local training on each client
+    federation: FederationConfig = field(default_factory=FederationConfig)  # rounds, sampling, aggregation, transport
+    prune: PruneConfig = field(default_factory=PruneConfig)  # structured pruning on the clients
+    fleet: FleetConfig = field(default_factory=FleetConfig)  # simulated fleet of unequal devices and its clock
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # the fedspine strategy's bandit
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)  # Ray simulation resources
+    faults: FaultConfig = field(default_factory=FaultConfig)  # injected client faults (resilience tests)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)  # bounds on each client's influence
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)  # TensorBoard, trackers, per-round adapters
 
     @property
     def prunes(self) -> bool:
@@ -498,6 +576,9 @@ class ExperimentConfig:
             if unknown:
                 raise ConfigError(f"{key}.{unknown[0]}: not a device class of fleet.devices"
                                   f" ({', '.join(self.fleet.devices) or 'no fleet'})")
+        if self.federation.evaluate_clients > 0 and self.data.client_eval_fraction <= 0:
+            raise ConfigError("federation.evaluate_clients: clients evaluate on a held-out part of their"
+                              " partition; set data.client_eval_fraction > 0 (e.g. 0.1)")
         if self.model.quantization == "auto" and not self.fleet.devices:
             raise ConfigError("model.quantization: 'auto' picks a width per device and needs fleet.devices")
         if self.federation.min_clients > self.federation.num_clients:

@@ -33,9 +33,9 @@ from fedtune.core.config import (
 )
 
 __all__ = [
-    "ARRAYS", "CONFIG", "METRICS", "MASKS", "MASK_STEPS", "INFO", "QUERY_KIND", "IDENTIFY", "NODE_STATE_PRUNE",
-    "PruneSpec", "ClientSetup", "TrainerSettings", "client_setup", "TrainRequest", "TrainMetrics", "ReplyInfo", "NodeIdentity",
-    "RoundKey", "ClientKey", "Status",
+    "ARRAYS", "CONFIG", "IDENTIFY", "INFO", "MASKS", "MASK_STEPS", "METRICS", "NODE_STATE_PRUNE", "QUERY_KIND",
+    "ClientKey", "ClientSetup", "NodeIdentity", "PruneSpec", "ReplyInfo", "RoundKey", "Status", "TrainMetrics",
+    "TrainRequest", "TrainerSettings", "client_setup",
 ]
 
 # ---------------------------------------------------------------------------- record names
@@ -206,6 +206,11 @@ class TrainMetrics:
     prune_ratio: float | None = None  # structural sparsity reached (fedtune.pruning.masks), when it prunes
     param_sparsity: float | None = None  # fraction of the prunable weights' parameters removed
     process_s: float = math.nan  # age of the ClientApp process at its reply (deployment; NaN in Ray)
+    # Where a deployment's fresh ClientApp process spent its time (absent in Ray; clients/app.py):
+    app_loaded_s: float | None = None  # process age when clients.app was imported (Flower's start-up behind it)
+    handler_s: float | None = None  # process age when the train/evaluate handler was entered
+    process_cpu_s: float | None = None  # CPU seconds of the ClientApp process at its reply
+    handoff_s: float | None = None  # the worker hand-off's wall time minus the worker's handler
 
     def to_record(self) -> dict[str, float | int]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

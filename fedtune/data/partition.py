@@ -6,6 +6,8 @@ its (data config, task, clients, seed) key. A client's partition is built as a `
 when it is asked for (a sampled client); the partition sizes of the whole federation, which the
 checks before a run need, come from the partitioner's index table without building one
 ``Dataset`` per client (a few milliseconds each, i.e. tens of seconds for 10,000 clients).
+With ``data.client_eval_fraction`` each client holds out a seeded fraction of its partition for
+federated evaluation; its training split is the rest, and the sizes above count only that.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import inspect
 from typing import Any
 
 from fedtune.core.config import ConfigError, DataConfig
+from fedtune.core.seeding import rng
 from fedtune.data.corpora import load_corpus
 
-__all__ = ["split_corpus", "make_partitioner", "FederatedData", "cached_federated_data"]
+__all__ = ["split_corpus", "make_partitioner", "FederatedData", "cached_federated_data", "client_eval_count",
+           "client_eval_indices"]
 
 
 def split_corpus(ds: Any, eval_size: int, seed: int) -> tuple[Any, Any]:
@@ -25,6 +29,21 @@ def split_corpus(ds: Any, eval_size: int, seed: int) -> tuple[Any, Any]:
         raise ConfigError(f"data.eval_size: {eval_size} leaves no training data (corpus has {len(ds)})")
     ds = ds.shuffle(seed=seed)
     return ds.select(range(eval_size, len(ds))), ds.select(range(eval_size))
+
+
+def client_eval_count(size: int, fraction: float) -> int:
+    """How many of a partition's ``size`` examples its client holds out for evaluation:
+    ``floor(size * fraction)``, at least one when ``fraction > 0``, never all (0 below 2 examples)."""
+    if fraction <= 0 or size < 2:
+        return 0
+    return min(size - 1, max(1, int(size * fraction)))
+
+
+def client_eval_indices(size: int, fraction: float, seed: int, client_id: int) -> list[int]:
+    """The positions, within client ``client_id``'s partition, of its held-out evaluation examples
+    (seeded by the run's seed and the client; the rest of the partition is its training split)."""
+    k = client_eval_count(size, fraction)
+    return sorted(rng(seed, "client-eval", client_id).sample(range(size), k)) if k else []
 
 
 def _partitioners() -> dict[str, type]:
@@ -80,6 +99,7 @@ class FederatedData:
 
     def __init__(self, cfg: DataConfig, task: str, num_clients: int, seed: int, num_labels: int | None = None):
         self.cfg = cfg
+        self.seed = seed
         corpus = load_corpus(cfg, task, num_labels)
         self.train, self.eval = split_corpus(corpus, cfg.eval_size, seed)
         self.partitioner = make_partitioner(cfg, num_clients, seed)
@@ -93,6 +113,18 @@ class FederatedData:
         self._sizes: list[int] | None = None
 
     def partition(self, client_id: int) -> Any:
+        """Client ``client_id``'s training split: its partition less its held-out examples
+        (``data.client_eval_fraction``, :meth:`client_eval`)."""
+        full = self._full_partition(client_id)
+        held = set(client_eval_indices(len(full), self.cfg.client_eval_fraction, self.seed, client_id))
+        return full.select([i for i in range(len(full)) if i not in held]) if held else full
+
+    def client_eval(self, client_id: int) -> Any:
+        """Client ``client_id``'s held-out evaluation split (empty when ``data.client_eval_fraction`` is 0)."""
+        full = self._full_partition(client_id)
+        return full.select(client_eval_indices(len(full), self.cfg.client_eval_fraction, self.seed, client_id))
+
+    def _full_partition(self, client_id: int) -> Any:
         if not 0 <= client_id < self.num_clients:
             raise ValueError(f"client id {client_id} outside [0, {self.num_clients})")
         try:
@@ -109,7 +141,8 @@ class FederatedData:
         table is measured by loading each partition.
         """
         if self._sizes is None:
-            self._sizes = self._compute_sizes()
+            frac = self.cfg.client_eval_fraction
+            self._sizes = [n - client_eval_count(n, frac) for n in self._compute_sizes()]
         return self._sizes
 
     def partition_size(self, client_id: int) -> int:
@@ -127,11 +160,11 @@ class FederatedData:
         if type(self.partitioner).__name__ == "IidPartitioner":
             div, mod = divmod(n, k)
             return [div + (1 if cid < mod else 0) for cid in range(k)]
-        self.partition(0)  # the partitioners build their whole index table on the first load
+        self._full_partition(0)  # the partitioners build their whole index table on the first load
         table = getattr(self.partitioner, "_partition_id_to_indices", None)
         if isinstance(table, dict) and set(table) == set(range(k)):
             return [len(table[cid]) for cid in range(k)]
-        return [len(self.partition(cid)) for cid in range(k)]
+        return [len(self._full_partition(cid)) for cid in range(k)]
 
 
 _DATA_CACHE: dict[tuple[Any, ...], FederatedData] = {}

@@ -30,16 +30,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedtune.core.config import config_to_toml
 from fedtune.deploy.certificates import generate_certificates, generate_node_keys
 from fedtune.round.outputs import format_progress, read_metrics
 
-__all__ = ["LocalDeployment", "NodeSpec", "flwr_env", "is_worker_process"]
+__all__ = ["LocalDeployment", "NodeSpec", "app_bundle", "app_files", "flwr_env", "is_worker_process"]
 
 
 APP_DIR = Path(__file__).resolve().parents[2]
+# How often a SuperNode's SuperExec asks it for a task to start a ClientApp process for (Flower's
+# default is 1 s: half a second of waiting per message on average); ``$FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
+# when set. Each poll is one request on the node's local runtime API.
+SUPEREXEC_POLL_S = "0.2"
 
 
 def free_port() -> int:
@@ -50,10 +54,12 @@ def free_port() -> int:
 
 def flwr_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: this venv's bin first (SuperLink/SuperNode spawn
-    ``flower-superexec`` from PATH), no telemetry, no update checks, no runtime installs."""
+    ``flower-superexec`` from PATH), no telemetry, no update checks, no runtime installs, and the
+    SuperExec's task poll every :data:`SUPEREXEC_POLL_S` seconds unless the environment sets it."""
     bindir = os.path.dirname(sys.executable)
+    poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
     return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
@@ -125,8 +131,8 @@ class LocalDeployment:
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([self._bin("flwr"), *args], env=self.env, cwd=APP_DIR, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run([self._bin("flwr"), *args], check=False, env=self.env, cwd=APP_DIR,
+                              capture_output=True, text=True, timeout=timeout)
 
     def start_superlink(self) -> None:
         if self.tls and not self.certs:
@@ -174,9 +180,9 @@ class LocalDeployment:
             args.append("--insecure")
         if self.auth:
             if register:
-                private, public = self.register(name)
+                private, _ = self.register(name)
             else:  # a node with keys the SuperLink never saw
-                private, public = generate_node_keys(self.secrets / "keys", [name])[name]
+                private, _ = generate_node_keys(self.secrets / "keys", [name])[name]
             args += ["--auth-supernode-private-key", str(private)]  # the public key is derived from it
         return self._spawn(name, args)
 
@@ -187,10 +193,11 @@ class LocalDeployment:
             self.start_supernode(f"supernode-{i}", spec)
         return self
 
-    def start_run(self, run_config: dict[str, Any]) -> int:
-        """``flwr run`` the app with ``run_config``; returns the run id (the run goes on in the SuperLink)."""
+    def start_run(self, run_config: dict[str, Any], app_dir: Path = APP_DIR) -> int:
+        """``flwr run`` the app in ``app_dir`` (fedtune's by default) with ``run_config``; returns the
+        run id (the run goes on in the SuperLink)."""
         rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        proc = self.flwr("run", str(APP_DIR), self.connection, "--run-config", rc, "--format", "json")
+        proc = self.flwr("run", str(app_dir), self.connection, "--run-config", rc, "--format", "json")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
         return int(json.loads(proc.stdout)["run-id"])
@@ -226,15 +233,47 @@ class LocalDeployment:
         if self._own_secrets and self.secrets_dir is not None:
             shutil.rmtree(self.secrets_dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalDeployment:
-        return self.start()
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:  # a start that failed or was interrupted leaves no process behind
+            self.stop()
+            raise
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def app_bundle(app_dir: Path = APP_DIR) -> bytes:
+    """The app bundle (FAB) that ``flwr run`` builds from ``app_dir``, by Flower's own rules
+    (``[tool.flwr.app]`` ``fab-include`` / ``fab-exclude``, the root ``.gitignore``, Flower's built-in
+    patterns), from :func:`app_files`."""
+    from flwr.cli.build import build_fab_from_files
+
+    return build_fab_from_files(app_files(app_dir))[0]
+
+
+def app_files(app_dir: Path = APP_DIR) -> dict[str, bytes | Path]:
+    """The files under ``app_dir`` that Flower's bundle rules start from (relative POSIX path ->
+    path, symlinks skipped as ``flwr run`` does); directories that the root ``.gitignore`` or Flower
+    itself excludes (``.venv``, ``.flwr``, ``__pycache__``) are not walked."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    root = Path(app_dir).resolve()
+    ignored = build_pathspec([*load_gitignore_patterns(root / ".gitignore"), ".venv/", ".flwr/", "__pycache__/"])
+    files: dict[str, bytes | Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [d for d in dirnames if not ignored.match_file(f"{(rel / d).as_posix()}/")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                files[(rel / name).as_posix()] = path
+    return files
 
 
 def is_worker_process(pid: int, pid_file: Path) -> bool:

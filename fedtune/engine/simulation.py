@@ -375,6 +375,7 @@ def simulate(cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False, forc
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from fedtune.engine.dispatch import pending_dispatch
     from fedtune.round.loop import run_server
 
     if not verbose:
@@ -410,8 +411,10 @@ def simulate(cfg: ExperimentConfig, out_dir: Path, *, resume: bool = False, forc
     try:
         _init_ray(dict(init_args))
         signals.install()  # ray.init replaced the SIGTERM handler
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                       backend_name=cfg.simulation.backend, backend_config=backend_config, verbose_logging=verbose)
+        with pending_dispatch(cfg.simulation.dispatch == "pending"):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                           backend_name=cfg.simulation.backend, backend_config=backend_config,
+                           verbose_logging=verbose)
     except _Interrupted as exc:
         signals.note(exc.signum)
     except BaseException:

@@ -7,10 +7,19 @@ with: their scale is already folded into fedtune's B) so peft's scale is 1 and `
 fedtune's B. For classification the task head is saved as ``modules_to_save``. Load it with::
 
     peft.PeftModel.from_pretrained(base_model, run_dir + "/adapter")
+
+``base_model_name_or_path`` in ``adapter_config.json`` is the base model's Hub id for the packaged
+models (``sentence-transformers/all-MiniLM-L6-v2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``), else
+``model.name``; the adapter's ``README.md`` says which local weights the run trained on
+(:func:`fedtune.models.loading.base_model_reference`). With ``outputs.adapter_every = k`` the
+round loop also writes the global adapter after every k-th round to ``adapter/round-N/``
+(:func:`round_adapter_dir`), in the same format.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,9 +27,12 @@ import torch
 from fedtune.core.config import ExperimentConfig
 from fedtune.lora.attach import default_target_modules, load_factors
 from fedtune.lora.factors import Factors, GlobalAdapter
-from fedtune.models.loading import fresh_float_base
+from fedtune.models.loading import base_model_reference, fresh_float_base
 
-__all__ = ["combined_factors", "save_peft_adapter"]
+__all__ = ["combined_factors", "remove_round_adapters", "round_adapter_dir", "save_peft_adapter"]
+
+ROUND_DIR = re.compile(r"round-(\d+)")
+BASE_SECTION = "## Base model weights"
 
 
 def combined_factors(state: GlobalAdapter) -> Factors:
@@ -37,6 +49,9 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
     from peft import LoraConfig, TaskType, get_peft_model
 
     base = fresh_float_base(cfg)  # export wraps the head and merges: never touch the cached base
+    name_or_path, source = base_model_reference(cfg.model, cfg.seed)
+    base.model.name_or_path = name_or_path  # a private copy: peft and its model card read the id from here
+    base.model.config.name_or_path = name_or_path
     factors = combined_factors(state)
     rank = next(iter(factors.values()))[0].shape[0]
     head_modules = sorted({n.rsplit(".", 1)[0] for n in base.head_names})
@@ -54,5 +69,27 @@ def save_peft_adapter(state: GlobalAdapter, cfg: ExperimentConfig, path: Path) -
                 key = next(k for k in params if k.endswith(f"{module}.modules_to_save.default.{leaf}"))
                 params[key].copy_(t)
     path.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(path))
+    # the vocabulary is never resized: no full embedding copy, and no Hub lookup of the base model's config
+    peft_model.save_pretrained(str(path), save_embedding_layers=False)
+    card = path / "README.md"  # peft's model card; an earlier export's section is replaced
+    text = card.read_text() if card.is_file() else ""
+    text = text.split(BASE_SECTION)[0].rstrip("\n")
+    card.write_text(f"{text}\n\n{BASE_SECTION}\n\nfedtune run `{cfg.name}` trained this adapter on {source}.\n")
     return path
+
+
+def round_adapter_dir(adapter_dir: Path, server_round: int) -> Path:
+    """Where the global adapter after ``server_round`` is exported: ``<adapter_dir>/round-N``."""
+    return adapter_dir / f"round-{server_round}"
+
+
+def remove_round_adapters(adapter_dir: Path, after_round: int) -> list[Path]:
+    """Remove the ``round-N`` adapters of ``adapter_dir`` with ``N > after_round`` (rounds a resumed
+    or restarted run trains again); returns them."""
+    if not adapter_dir.is_dir():
+        return []
+    stale = [d for d in adapter_dir.iterdir()
+             if d.is_dir() and (m := ROUND_DIR.fullmatch(d.name)) and int(m.group(1)) > after_round]
+    for d in stale:
+        shutil.rmtree(d)
+    return stale

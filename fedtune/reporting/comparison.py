@@ -22,7 +22,9 @@ own method in a setting called ``runs``). What a setting is judged by (baseline,
 Time to target, final and curves read the masked metric (the global adapter under devices'
 pruning masks) when a run recorded it, else the unmasked one. Written to the output directory:
 
-- ``table.md``: per setting, the comparison table, a deployment table and the tuning grid;
+- ``table.md``: per setting, the comparison table, a deployment table and the tuning grid; for runs
+  with a federated evaluate phase, a table (also printed) of the clients' own held-out evaluation
+  per run and device class (:func:`client_eval_table`);
 - ``summary.json``: per setting and method the same figures (``speedup_geomean``,
   ``speedup_ci95``, ``seeds``, ``censored``, ``final_metric``, ``final_metric_diff_ci95``,
   ``baseline``, ...), per seed as well;
@@ -62,7 +64,7 @@ from fedtune.reporting.stats import (
 )
 from fedtune.round.outputs import read_metrics
 
-__all__ = ["run_stats", "find_runs", "report"]
+__all__ = ["client_eval_table", "find_runs", "report", "run_stats"]
 
 
 def find_runs(paths: list[Path], say: Any = print) -> list[Path]:
@@ -162,6 +164,7 @@ def run_stats(run_dir: Path, target: float | None = None, prefer_masked: bool = 
         "trained_sparsity": dep.get("trained_sparsity"), "deployed_sparsity": dep.get("deployed_sparsity"),
         "deployed_metric": dep.get(base_metric), "latency_ms": dep.get("latency_ms"),
         "dense_latency_ms": dep.get("dense_latency_ms"), "size_mb": dep.get("size_mb"),
+        "client_eval": summary.get("client_eval"),  # the federated evaluate phase's last round, per device class
         "records": records,  # every round's record, for times to other targets
         "curve": curve,
         "rounds_trace": [{"round": r[R.ROUND],
@@ -387,8 +390,8 @@ def _setting_markdown(entry: dict[str, Any], runs_note: list[str]) -> list[str]:
         lines += ["Margins declared in the setting: " + ", ".join(f"{k} {v:g}" for k, v in entry["margins"].items())
                   + " (a speed-up that is an upper bound meets no speed-up margin).", ""]
     lines += runs_note
-    lines += [f"| method | seeds | {unit} to target (geomean) | censored | speed-up vs {base or 'baseline'} [95% CI] |"
-              f" final {short} | Δ final {short} vs {base or 'baseline'} [95% CI] | margins |",
+    lines += [(f"| method | seeds | {unit} to target (geomean) | censored | speed-up vs {base or 'baseline'} [95% CI] |"
+              f" final {short} | Δ final {short} vs {base or 'baseline'} [95% CI] | margins |"),
               "|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         label = name + (f" ({m['chosen']})" if m.get("chosen") else "")
@@ -400,8 +403,8 @@ def _setting_markdown(entry: dict[str, Any], runs_note: list[str]) -> list[str]:
         lines.append(f"| {label} | {m['n_seeds']} | {tcell} | {m['censored']}/{m['n_seeds']} censored |"
                      f" {_speedup_cell(m)} | {fin} | {_diff_cell(m, fmt)} | {_margins_cell(m)} |")
     lines += ["", "Deployed models and costs (mean ± sd over seeds; one seed: its value):", "",
-              f"| method | deployed {short} | deployed latency ms (dense) | deployed size MB | bytes sent MB |"
-              " peak client mem GB | sparsity trained → deployed |", "|---|---|---|---|---|---|---|"]
+              (f"| method | deployed {short} | deployed latency ms (dense) | deployed size MB | bytes sent MB |"
+              " peak client mem GB | sparsity trained → deployed |"), "|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         dense = m["dense_latency_ms"]["mean"]
         lat = _cell(m["latency_ms"], lambda v: f"{v:.2f}") + (f" ({dense:.2f})" if dense else "")
@@ -411,8 +414,8 @@ def _setting_markdown(entry: dict[str, Any], runs_note: list[str]) -> list[str]:
                      f" {_cell(m['deployed_sparsity'], lambda v: f'{v:.3f}')} |")
     if entry["grid"]:
         chosen = {m.get("chosen") for m in methods.values()} - {None}
-        lines += ["", "Tuning grid, run on the tuning seeds only (not evaluation seeds); the chosen candidate then"
-                  " ran on the evaluation seeds:", "",
+        lines += ["", ("Tuning grid, run on the tuning seeds only (not evaluation seeds); the chosen candidate then"
+                  " ran on the evaluation seeds:"), "",
                   f"| candidate | tuning seeds | {unit} to target (geomean) | censored | final {short} |",
                   "|---|---|---|---|---|"]
         for k, g in sorted(entry["grid"].items()):
@@ -621,6 +624,29 @@ def _setting(setting: str, srs: list[dict[str, Any]], cs: ComparisonSettings, ta
     return entry, _setting_markdown(entry, notes + ([""] if notes else []))
 
 
+def client_eval_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of the runs' federated evaluation (their summary.json ``client_eval``): per run
+    and device class, the clients of the last evaluate phase that replied (of those asked), their
+    held-out examples and the example-weighted loss and accuracy or perplexity; [] when no run has one."""
+    rows = [(r, r["client_eval"]) for r in runs if r.get("client_eval")]
+    if not rows:
+        return []
+    lines = ["## Federated evaluation", "",
+             ("The global adapter on the clients' own held-out splits (each under its pruning masks), in the"
+              " last round that had an evaluate phase; means weighted by held-out examples."), "",
+             "| run | round | device class | clients ok | examples | loss | accuracy / perplexity |",
+             "|---|---|---|---|---|---|---|"]
+    for r, ce in rows:
+        for device, row in ce.get("by_device", {}).items():
+            value = row.get("eval_accuracy", row.get("eval_perplexity"))
+            loss = row.get("eval_loss")
+            lines.append(f"| {r['method']} (seed {r['seed']}) | {ce.get('round')} | {device} |"
+                         f" {row.get('clients', 0)}/{row.get('clients', 0) + row.get('failed', 0)} |"
+                         f" {row.get('num_examples', 0)} | {'n/a' if loss is None else f'{loss:.4f}'} |"
+                         f" {'n/a' if value is None else f'{value:.4f}'} |")
+    return [*lines, ""]
+
+
 def report(paths: list[Path], out_dir: Path, *, target: float | None = None, command: str = "",
            machine: str = "", prefer_masked: bool = True,
            settings: Mapping[str, ComparisonSettings] | None = None, say: Any = print) -> Path:
@@ -644,6 +670,10 @@ def report(paths: list[Path], out_dir: Path, *, target: float | None = None, com
         cs = _resolve_settings(setting, srs, (settings or {}).get(setting))
         summary["settings"][setting], section = _setting(setting, srs, cs, target, out_dir, say)
         md += section
+    if fed_eval := client_eval_table(runs):
+        md += fed_eval
+        summary["client_eval"] = {r["run_dir"]: r["client_eval"] for r in runs if r.get("client_eval")}
+        say("\n".join(fed_eval))
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir

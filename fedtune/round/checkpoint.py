@@ -53,7 +53,8 @@ STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 _ROUND_DIR = re.compile(r"round-(\d{4,})")
 # Keys that say how long or where a run goes, not what it computes: a run resumes across them.
-_UNHASHED = (("federation", "num_rounds"), ("federation", "round_timeout_s"), ("simulation",), ("faults",))
+_UNHASHED = (("federation", "num_rounds"), ("federation", "round_timeout_s"), ("simulation",), ("faults",),
+             ("outputs",))
 
 
 def _round_dir_name(server_round: int) -> str:
@@ -92,8 +93,8 @@ def _refuse_old_layout(path: Path) -> None:
 def config_hash(cfg: ExperimentConfig) -> str:
     """sha256 of the experiment config as canonical JSON (sorted keys), leaving out the keys that do
     not change what a run computes: ``federation.num_rounds`` (a run resumes to more rounds),
-    ``federation.round_timeout_s``, ``[simulation]`` (where clients run) and ``[faults]`` (test
-    injection)."""
+    ``federation.round_timeout_s``, ``[simulation]`` (where clients run), ``[faults]`` (test
+    injection) and ``[outputs]`` (what is written beside the metrics)."""
     table = config_to_dict(cfg)
     for keys in _UNHASHED:
         parent = table

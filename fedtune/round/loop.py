@@ -6,15 +6,19 @@ structure, the simulated fleet, the strategy with those collaborators), :func:`r
 summary). Per round the strategy samples clients and sends each its rank-projected adapter
 (``configure_train``), validates and aggregates the replies (``aggregate_train``) and hands
 back a :class:`~strategies.base.RoundResult`; the loop evaluates the global adapter on the
-held-out set, appends one JSON line to ``metrics.jsonl`` and writes a checkpoint (a stopped
-server resumes from it). At the end the global adapter is exported in PEFT format to
-``adapter/``, pruned per-device models to ``clients/``, and ``summary.json`` is written.
+held-out set (and, in rounds with a federated evaluate phase, has sampled clients score it on their
+own held-out splits: ``client_eval``), appends one JSON line to ``metrics.jsonl`` and writes a checkpoint (a stopped
+server resumes from it); the round's scalars go to the run's trackers (:mod:`fedtune.tracking`)
+and, every ``outputs.adapter_every`` rounds, the global adapter to ``adapter/round-N/``. At the
+end the global adapter is exported in PEFT format to ``adapter/``, pruned per-device models to
+``clients/``, and ``summary.json`` is written. Progress goes to the ``fedtune.round`` logger and
+``run.log``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,11 @@ from fedtune.core.protocol import ClientKey, RoundKey
 from fedtune.data.batching import Tokenized, tokenize
 from fedtune.data.partition import FederatedData, cached_federated_data
 from fedtune.fleet.clock import FleetSimulator
-from fedtune.lora.export import save_peft_adapter
+from fedtune.lora.export import (
+    remove_round_adapters,
+    round_adapter_dir,
+    save_peft_adapter,
+)
 from fedtune.lora.factors import GlobalAdapter
 from fedtune.lora.records import state_to_record
 from fedtune.models.loading import BaseModel, cached_base_model
@@ -53,15 +61,19 @@ from fedtune.round.outputs import (
     read_metrics,
     summarize,
 )
+from fedtune.tracking import RunTrackers, ensure_logging, run_log
 from fedtune.training.local import evaluate_global, head_state, lora_shapes
-from strategies.base import LoraStrategy
+from strategies.base import CLIENT_EVAL, LoraStrategy, client_eval_summary
 from strategies.registry import build_strategy
 
 __all__ = ["run_server", "ServerRun", "setup", "resume_meta", "restore", "train", "finish"]
 
 
+LOG = logging.getLogger("fedtune.round")
+
+
 def _say(line: str) -> None:
-    print(f"[fedtune] {line}", file=sys.stdout, flush=True)
+    LOG.info(line)
 
 
 @dataclass
@@ -176,12 +188,30 @@ def masked_evaluation(run: ServerRun, state: GlobalAdapter, rec: dict[str, Any],
             RoundKey.MASKED_EVAL_CLIENTS: ids}
 
 
-def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) -> GlobalAdapter:
-    """Rounds ``start_round + 1 .. num_rounds``: one metrics line and one checkpoint each."""
+def _round_done(run: ServerRun, rec: dict[str, Any], state: GlobalAdapter, trackers: RunTrackers | None) -> None:
+    """After a round's record is written: its progress line, its clients (DEBUG), the trackers'
+    scalars, and the global adapter when ``outputs.adapter_every`` asks for this round."""
+    rnd, every = rec[RoundKey.ROUND], run.cfg.outputs.adapter_every
+    _say(format_progress(rec, run.cfg.federation.num_rounds))
+    for c in rec.get(RoundKey.CLIENTS, []):
+        LOG.debug("round %d: client %s: %s", rnd, c.get(ClientKey.CLIENT_ID),
+                  ", ".join(f"{k} {v}" for k, v in c.items() if k != ClientKey.CLIENT_ID))
+    if trackers is not None:
+        trackers.log_round(rec)
+    if every and rnd > 0 and rnd % every == 0:
+        path = save_peft_adapter(state, run.cfg, round_adapter_dir(run.out_dir / "adapter", rnd))
+        LOG.debug("round %d: global adapter exported to %s", rnd, path)
+
+
+def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int,
+          trackers: RunTrackers | None = None) -> GlobalAdapter:
+    """Rounds ``start_round + 1 .. num_rounds``: one metrics line and one checkpoint each; each
+    round's scalars go to ``trackers``."""
     cfg, strategy = run.cfg, run.strategy
     num_rounds = cfg.federation.num_rounds
     cfg_hash = config_hash(cfg)
     writer = MetricsWriter(run.out_dir / "metrics.jsonl", keep_up_to_round=start_round if start_round else None)
+    remove_round_adapters(run.out_dir / "adapter", start_round)  # rounds this run trains (again)
     _say(f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}, {cfg.federation.num_clients} clients,"
          f" strategy {type(strategy).__name__}, ranks {sorted(set(cfg.lora.ranks))}, {num_rounds} rounds"
          f" -> {run.out_dir}")
@@ -193,7 +223,7 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
             rec[RoundKey.SIM_TIME_S] = 0.0
         rec[RoundKey.WALL_TIME_S] = run.elapsed()
         writer.write(rec)
-        _say(format_progress(rec, num_rounds))
+        _round_done(run, rec, state, trackers)
     arrays = state_to_record(state)
     for rnd in range(start_round + 1, num_rounds + 1):
         messages = strategy.configure_train(rnd, arrays, ConfigRecord({}), grid)
@@ -209,6 +239,8 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
             rec.update(masked_evaluation(run, state, rec, [c[ClientKey.CLIENT_ID] for c in result.clients]))
         rec.update({RoundKey.TRAIN_LOSS: result.train_loss, RoundKey.BYTES_UP: result.bytes_up,
                     RoundKey.BYTES_DOWN: result.bytes_down, RoundKey.CLIENTS: result.clients})
+        if client_evals := strategy.federated_evaluate(grid, rnd, arrays):  # Flower's evaluate phase
+            rec[CLIENT_EVAL] = client_evals
         if run.fleet is not None:
             rec[RoundKey.SIM_TIME_S] = round(result.sim_time_s or 0.0, 3)
             rec[RoundKey.ROUND_SIM_S] = round(result.round_sim_s or 0.0, 3)
@@ -216,7 +248,7 @@ def train(grid: Grid, run: ServerRun, state: GlobalAdapter, start_round: int) ->
         writer.write(rec)
         save_checkpoint(state, rnd, run.ckpt_dir, {"config_hash": cfg_hash, "wall_time_s": rec[RoundKey.WALL_TIME_S],
                                                    "strategy": strategy.state_dict()})
-        _say(format_progress(rec, num_rounds))
+        _round_done(run, rec, state, trackers)
     return state
 
 
@@ -246,6 +278,15 @@ def _deploy_devices(run: ServerRun, state: GlobalAdapter) -> tuple[dict[str, Any
     return client_models, deployment
 
 
+def final_client_eval(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``client_eval`` of summary.json: the last federated evaluation's round and its example-weighted
+    means per device class (:func:`~strategies.base.client_eval_summary`); empty when there was none."""
+    last = next((r for r in reversed(records) if r.get(CLIENT_EVAL)), None)
+    if last is None:
+        return {}
+    return {CLIENT_EVAL: {"round": last[RoundKey.ROUND], "by_device": client_eval_summary(last[CLIENT_EVAL])}}
+
+
 def finish(run: ServerRun, state: GlobalAdapter) -> dict[str, Any]:
     """Export the adapter and per-device models, plot, and write ``summary.json``."""
     cfg = run.cfg
@@ -260,6 +301,7 @@ def finish(run: ServerRun, state: GlobalAdapter) -> dict[str, Any]:
         "adapter_dir": str(adapter_dir), "plot": str(plot) if plot else None,
         **({"client_models": client_models} if client_models else {}),
         **({"deployment": deployment} if deployment else {}),
+        **final_client_eval(records),
         "provenance": provenance(),
     })
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -275,7 +317,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path, *, resume: bool
     a different experiment config (see :func:`restore`).
     """
     resume_meta(cfg, out_dir, resume, force)  # a refused resume leaves the run's config.toml as it was
-    run = setup(cfg, out_dir)
-    state, start_round = restore(run, resume, force)
-    state = train(grid, run, state, start_round)
-    return finish(run, state)
+    ensure_logging()
+    with run_log(out_dir):  # a no-op when the CLI copies this process's log there already
+        run = setup(cfg, out_dir)
+        state, start_round = restore(run, resume, force)
+        with RunTrackers.open(cfg, out_dir) as trackers:
+            state = train(grid, run, state, start_round, trackers)
+        return finish(run, state)

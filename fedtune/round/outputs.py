@@ -12,6 +12,7 @@ from fedtune.core.metric import masked, metric_of_records
 from fedtune.core.protocol import ClientKey as C
 from fedtune.core.protocol import RoundKey as R
 from fedtune.core.protocol import Status
+from strategies.base import ALL_DEVICES, CLIENT_EVAL, client_eval_summary
 
 __all__ = ["MetricsWriter", "read_metrics", "summarize", "plot_metrics", "format_progress"]
 
@@ -164,6 +165,12 @@ def format_progress(record: dict[str, Any], num_rounds: int) -> str:
         parts.append(f"accuracy {record['eval_accuracy']:.4f}")
     if record.get("eval_perplexity") is not None:
         parts.append(f"perplexity {record['eval_perplexity']:.2f}")
+    if record.get(CLIENT_EVAL):
+        fed = client_eval_summary(record[CLIENT_EVAL])[ALL_DEVICES]
+        name = "accuracy" if "eval_accuracy" in fed else "perplexity"
+        value = fed.get(f"eval_{name}")
+        parts.append(f"client eval {fed['clients']}/{fed['clients'] + fed['failed']} ok"
+                     + (f", {name} {value:.4f}" if value is not None else ""))
     parts.append(f"elapsed {record['wall_time_s']:.1f}s")
     return " | ".join(parts)
 

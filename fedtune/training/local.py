@@ -32,7 +32,7 @@ from fedtune.pruning.prune_and_tune import PruneAndTune
 from fedtune.pruning.structure import Masks, apply_masks, model_structure, sparsity
 from fedtune.training.loss import chunked_causal_lm_loss
 
-__all__ = ["LocalResult", "train_local", "evaluate_global", "lora_shapes", "head_state"]
+__all__ = ["LocalResult", "evaluate_global", "head_state", "lora_shapes", "lr_factor", "train_local"]
 
 
 @dataclass
@@ -111,6 +111,31 @@ def _loss(peft_model: Any, base: BaseModel, batch: dict[str, torch.Tensor], cfg:
     return torch.nn.functional.cross_entropy(peft_model(**batch).logits + log_prior, labels)
 
 
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The multiple of ``train.learning_rate`` at local step ``step`` (0-based) of ``total``: a linear
+    warm-up over the first ``warmup`` steps ((step + 1) / (warmup + 1)), then ``constant`` (1),
+    ``cosine`` (0.5 (1 + cos(pi p))) or ``linear`` (1 - p), p = (step - warmup) / (total - warmup)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    p = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return max(0.0, 1.0 - p)
+    return 1.0
+
+
+def _before_step(opt: torch.optim.Optimizer, cfg: TrainerSettings, step: int, total: int) -> None:
+    """The step's learning rate (``train.lr_schedule``, ``train.warmup_steps``) and gradient clipping
+    (``train.max_grad_norm``, over all trainable parameters); neither touches anything by default."""
+    train = cfg.train
+    if train.lr_schedule != "constant" or train.warmup_steps > 0:
+        for group in opt.param_groups:
+            group["lr"] = train.learning_rate * lr_factor(step, total, train.lr_schedule, train.warmup_steps)
+    if train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], train.max_grad_norm)
+
+
 def _run_steps(peft_model: Any, base: BaseModel, data: Tokenized, cfg: TrainerSettings, opt: torch.optim.Optimizer,
                pruner: PruneAndTune | None, n_steps: int, seed: int,
                pruned_at: Masks | None = None) -> tuple[list[float], int, float]:
@@ -128,13 +153,15 @@ def _run_steps(peft_model: Any, base: BaseModel, data: Tokenized, cfg: TrainerSe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout draws from the global generator
         for step, idx in enumerate(batches(len(data), cfg.train.batch_size, n_steps, gen), start=1):
-            batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task).items()}
+            batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task,
+                                                                   cfg.train.loss_on).items()}
             tokens += batch["input_ids"].numel()
             loss = _loss(peft_model, base, batch, cfg, log_prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if pruner is not None:
                 pruner.observe()
+            _before_step(opt, cfg, step - 1, n_steps)
             opt.step()
             if pruner is not None:
                 pruner.after_step(step)
@@ -224,7 +251,8 @@ def evaluate_global(base: BaseModel, state: GlobalAdapter, data: Tokenized, cfg:
         bs = cfg.train.eval_batch_size
         for start in range(0, len(data), bs):
             idx = list(range(start, min(start + bs, len(data))))
-            batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task).items()}
+            batch = {k: v.to(base.device) for k, v in collate(data, idx, pad_id, base.config.task,
+                                                                   cfg.train.loss_on).items()}
             out = peft_model(**batch)
             if base.config.task == "classification":
                 total_loss += float(out.loss) * len(idx)

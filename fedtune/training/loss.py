@@ -57,7 +57,11 @@ def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, attention_mask: 
     """Next-token cross-entropy (mean over labelled tokens, as transformers computes it) without
     materialising the (tokens x vocab) logits: the decoder's hidden states go through the output
     layer ``chunk_tokens`` at a time, and each chunk's gradient is formed as it is computed
-    (:class:`_LinearCrossEntropy`), so only one chunk of logits is alive at any moment."""
+    (:class:`_LinearCrossEntropy`), so only one chunk of logits is alive at any moment.
+
+    Positions whose next-token label is -100 (padding; the prompt of instruction data) are left
+    out before the output layer: they add nothing to the loss or to its mean's denominator, and
+    their hidden states get an exactly zero gradient. A batch without a labelled token has loss 0."""
     trunk = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -14,7 +14,12 @@ sampling, data and initialisation, and reads each run's ``metrics.jsonl`` and
   evaluations) of the codec minus fp32's, per seed, with the mean and a t-interval.
 
     .venv/bin/python simulations/bench/compression.py --seeds 0 1 2 --rounds 6 \\
-        [--config simulations/default.toml] [--out simulations/results/compression.json]
+        [--config simulations/default.toml] [--out simulations/results/compression.json] [--runs-dir DIR]
+
+``--setting simulations/fedspine/minilm-s30.toml --method fedspine`` runs that comparison
+setting's method instead (its experiment as ``simulations/reproduce.py`` builds it: the
+80-device fleet, the S-UCB bandit, pruning); the output then goes under the setting's name in
+the same file (``settings``), beside the experiment given with ``--config``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ def run(config: Path, codec: str, seed: int, rounds: int, out: Path, extra: list
     cmd = [sys.executable, "-m", "fedtune.cli", "simulate", "--config", str(config), "--out", str(out), "--force"]
     for s in sets:
         cmd += ["--set", s]
+    if (out / "summary.json").is_file() and (out / "config.toml").is_file():  # a finished run of --runs-dir
+        from fedtune.core.config import load_config
+
+        done = load_config(out / "config.toml")
+        if (done.seed, done.federation.num_rounds, done.federation.transport_up) == (seed, rounds, codec):
+            from fedtune.round.outputs import read_metrics
+
+            return {"records": read_metrics(out / "metrics.jsonl"),
+                    "summary": json.loads((out / "summary.json").read_text()), "wall_s": None}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -84,17 +98,32 @@ def main() -> None:
     p.add_argument("--final-window", type=int, default=2)
     p.add_argument("--codecs", nargs="+", default=list(CODECS))
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config overrides")
+    p.add_argument("--setting", type=Path, help="a comparison setting (simulations/fedspine/*.toml) instead of --config")
+    p.add_argument("--method", default="fedspine", help="the setting's method to run (with --setting)")
     p.add_argument("--out", type=Path, default=ROOT / "simulations/results/compression.json")
+    p.add_argument("--runs-dir", type=Path, help="keep the runs here (CODEC-SEED/); a finished one is read, not rerun")
     args = p.parse_args()
-    from fedtune.core.config import load_config
+    from fedtune.core.config import config_to_toml, load_config
 
+    if args.setting is not None:
+        from simulations.reproduce import load_setting, method_config
+
+        setting = load_setting(args.setting)
+        tmp_cfg = Path(tempfile.mkdtemp(prefix="ftc-cfg-")) / f"{setting['setting']}.{args.method}.toml"
+        from fedtune.core.config import config_from_dict
+
+        tmp_cfg.write_text(config_to_toml(config_from_dict(method_config(setting, args.method, 0))))
+        source, args.config = f"{args.setting.resolve().relative_to(ROOT)} method {args.method}", tmp_cfg
+    else:
+        source = str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config)
     cfg = load_config(args.config, args.extra)
     metric = "eval_accuracy" if cfg.model.task == "classification" else "eval_loss"
     results: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in args.codecs}
     with tempfile.TemporaryDirectory(prefix="ftc-") as tmp:
+        runs_dir = args.runs_dir or Path(tmp)
         for seed in args.seeds:
             for codec in args.codecs:
-                res = run(args.config, codec, seed, args.rounds, Path(tmp) / f"{codec}-{seed}", args.extra)
+                res = run(args.config, codec, seed, args.rounds, runs_dir / f"{codec}-{seed}", args.extra)
                 results[codec][seed] = res
                 print(f"[compression] seed {seed} {codec}: {metric} {final_metric(res['records'], metric, args.final_window):.4f},"
                       f" bytes_up {sum(r.get('bytes_up', 0) for r in res['records'])}, {res['wall_s']}s", flush=True)
@@ -103,8 +132,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "command": "python simulations/bench/compression.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
-        "fp32_reply_bytes_rank_max": fp32_max, "rounds": args.rounds, "seeds": args.seeds, "metric": metric, "final_window": args.final_window, "codecs": {}}
+        "config": source, "fp32_reply_bytes_rank_max": fp32_max, "rounds": args.rounds, "seeds": args.seeds, "metric": metric, "final_window": args.final_window, "codecs": {}}
     for codec in args.codecs:
         own, vs_max, diffs = [], [], []
         for seed in args.seeds:
@@ -123,8 +151,14 @@ def main() -> None:
             f"final_{metric}": [round(final_metric(results[codec][s]["records"], metric, args.final_window), 4)
                                 for s in args.seeds],
         }
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.setting is not None:  # beside what the file already holds
+        prev.setdefault("settings", {})[setting["setting"]] = out
+        out = prev
+    elif "settings" in prev:
+        out["settings"] = prev["settings"]
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out["codecs"], indent=1))
+    print(json.dumps(out.get("codecs", out.get("settings")), indent=1))
     print(f"wrote {args.out}")
 
 

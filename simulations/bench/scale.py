@@ -44,22 +44,24 @@ memory. Per size the result records:
   grows with the client count when it is done that way. ``client_setup_s_max`` is the longest
   model-and-partition load a client reported (a worker's first load of the corpus).
 
-What grows with the client count is Flower's: its simulation engine hands messages to the
+What grew with the client count was Flower's: its simulation engine hands messages to the
 workers from a thread (``add_messages_to_queue`` in ``flwr.server.superlink.fleet.vce.vce_api``)
 that asks the link state every 0.1 s for a message for every registered node in turn, and each
-ask scans every stored message; the thread's work grows with the number of nodes times the
-messages in flight, and it runs in the process and under the interpreter lock of the server.
-``--pending-extractor MODEL:N,...`` also runs the listed sizes with that thread replaced by one
-that visits only the nodes with an undelivered message, in Flower's order; those runs carry
-``"flower_extractor": "pending"`` and their ratios are taken against the 100-client runs as they
-are.
+ask scans every stored message; its work grows with the number of nodes times the messages in
+flight, in the server's process and under its interpreter lock. fedtune replaces that thread
+during a simulation by one that visits only the nodes with an undelivered message
+(``simulation.dispatch = "pending"``, the default; :mod:`fedtune.engine.dispatch`). Every size
+runs with the default; ``--flower-dispatch MODEL:N,...`` also runs the listed sizes with
+``simulation.dispatch = "flower"`` (Flower's thread as it is); those runs carry
+``"dispatch": "flower"``, and their ratios (under ``flower_dispatch``) are taken against the
+100-client run with the same dispatch when there is one, else the default's.
 
 Machines shared with other jobs make single timings noisy; the sizes run back to back, and the
 ratios against the 100-client run of the same model are the figures to compare.
 
     .venv/bin/python simulations/bench/scale.py [--out simulations/results/scale.json]
         [--minilm-clients 100,300,1000] [--tiny-clients 100,10000] [--rounds 3]
-        [--pending-extractor minilm:1000,tiny-bert:10000]
+        [--flower-dispatch tiny-bert:100,tiny-bert:10000]
 """
 
 from __future__ import annotations
@@ -82,7 +84,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 GB = 1024 ** 3
-PENDING_LAUNCH = "--run-cli-with-pending-extractor"  # first argument: run the CLI with the patched thread
 START_LINE = re.compile(r"^\[fedtune\] .+ clients, strategy ")
 ROUND_LINE = re.compile(r"^\[fedtune\] round\s+(\d+)/")
 
@@ -97,29 +98,6 @@ MODELS: dict[str, dict[str, Any]] = {
         "overrides": ["data.max_examples=0"],
     },
 }
-
-
-def install_pending_extractor() -> None:
-    """Replace Flower's message extractor with one that visits only the nodes that have an
-    undelivered message (in-memory link state; any other state keeps Flower's)."""
-    import flwr.server.superlink.fleet.vce.vce_api as vce
-
-    original = vce.add_messages_to_queue
-
-    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
-        if not (hasattr(state, "message_ins_store") and hasattr(state, "lock")):
-            return original(state, queue, nodes_mapping, f_stop)
-        order = {node_id: i for i, node_id in enumerate(nodes_mapping)}  # Flower's visiting order
-        while not f_stop.is_set():
-            with state.lock:
-                pending = {m.metadata.dst_node_id for m in list(state.message_ins_store.values())
-                           if m.metadata.delivered_at == ""}
-            for node_id in sorted(pending & order.keys(), key=order.__getitem__):
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-            f_stop.wait(0.1)
-
-    vce.add_messages_to_queue = add_messages_to_queue
 
 
 def _pss_bytes(pid: int) -> int:
@@ -254,20 +232,20 @@ def measure_data_setup(cfg: Any) -> dict[str, float]:
 
 
 def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path, index: int,
-             extractor: str = "as-is") -> dict[str, Any]:
-    """One ``fedtune simulate`` run of ``model`` with ``num_clients`` clients, measured;
-    ``extractor`` ``pending`` runs it with :func:`install_pending_extractor`."""
+             dispatch: str = "pending") -> dict[str, Any]:
+    """One ``fedtune simulate`` run of ``model`` with ``num_clients`` clients and
+    ``simulation.dispatch = dispatch``, measured."""
     from fedtune.core.config import config_from_dict, read_toml
 
     spec = MODELS[model]
-    tag = f"{model}-{num_clients}" + ("-pending" if extractor == "pending" else "")
+    tag = f"{model}-{num_clients}" + ("-flower" if dispatch == "flower" else "")
     ray_tmpdir = f"/tmp/fts{os.getpid()}-{index}"  # short: Ray's socket paths
-    launcher = [sys.executable, "-m", "fedtune.cli"] if extractor == "as-is" else [
-        sys.executable, str(Path(__file__).resolve()), PENDING_LAUNCH]
+    launcher = [sys.executable, "-m", "fedtune.cli"]
     out = work / tag
     overrides = [*spec["overrides"], f"federation.num_clients={num_clients}",
                  f"federation.clients_per_round={args.per_round}", f"federation.num_rounds={args.rounds}",
-                 "simulation.num_cpus_per_client=1", f"simulation.ray_tmpdir={ray_tmpdir}"]
+                 "simulation.num_cpus_per_client=1", f"simulation.ray_tmpdir={ray_tmpdir}",
+                 f'simulation.dispatch="{dispatch}"']
     if model == "minilm":
         overrides.append(f"train.local_steps={args.local_steps}")
     cfg = config_from_dict(read_toml(ROOT / spec["config"], "config"), overrides)
@@ -342,7 +320,7 @@ def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path,
         return round(sum(xs) / len(xs), 3) if xs else None
 
     return {
-        "model": model, "num_clients": num_clients, "flower_extractor": extractor, "status": status,
+        "model": model, "num_clients": num_clients, "dispatch": dispatch, "status": status,
         "rounds_done": len(round_wall),
         "peak_rss_gb": round(monitor.peak_rss / GB, 3),
         "peak_pss_gb": round(monitor.peak_pss / GB, 3),
@@ -373,13 +351,14 @@ def run_size(model: str, num_clients: int, args: argparse.Namespace, work: Path,
 
 
 def _ratio(runs: list[dict[str, Any]], model: str, n: int, base: int, key: str = "round_wall_mean_s",
-           extractor: str = "as-is") -> float | None:
-    """``key`` of the ``n``-client run (with ``extractor``) over that of the ``base``-client run as is."""
+           dispatch: str = "pending") -> float | None:
+    """``key`` of the ``n``-client run with ``dispatch`` over that of the ``base``-client run with the
+    same dispatch (the default's when that size ran only with the default)."""
     def find(size: int, variant: str) -> dict[str, Any] | None:
         return next((r for r in runs if r["model"] == model and r["num_clients"] == size
-                     and r["flower_extractor"] == variant and r["status"] == "ok"), None)
+                     and r["dispatch"] == variant and r["status"] == "ok"), None)
 
-    top, bottom = find(n, extractor), find(base, "as-is")
+    top, bottom = find(n, dispatch), find(base, dispatch) or find(base, "pending")
     if top is None or bottom is None or not bottom.get(key) or top.get(key) is None:
         return None
     return round(top[key] / bottom[key], 3)
@@ -394,8 +373,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=10, help="clients sampled a round")
     ap.add_argument("--local-steps", type=int, default=5, help="MiniLM local steps")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is stopped")
-    ap.add_argument("--pending-extractor", default="minilm:1000,tiny-bert:10000",
-                    help="MODEL:N sizes to run again with Flower's extractor visiting only pending nodes ('' for none)")
+    ap.add_argument("--flower-dispatch", default="tiny-bert:100,tiny-bert:10000",
+                    help="MODEL:N sizes to run again with Flower's own dispatch thread ('' for none)")
     ap.add_argument("--keep", type=Path, help="keep the run directories and logs here")
     args = ap.parse_args()
 
@@ -404,18 +383,18 @@ def main() -> None:
     quiet_library_warnings()
     sizes = [("minilm", int(n)) for n in args.minilm_clients.split(",") if n.strip()]
     sizes += [("tiny-bert", int(n)) for n in args.tiny_clients.split(",") if n.strip()]
-    variants = [(model, n, "as-is") for model, n in sizes]
-    for item in (x.strip() for x in args.pending_extractor.split(",") if x.strip()):
+    variants = [(model, n, "pending") for model, n in sizes]
+    for item in (x.strip() for x in args.flower_dispatch.split(",") if x.strip()):
         model, _, n = item.partition(":")
         if model not in MODELS or not n.isdigit():
-            ap.error(f"--pending-extractor: expected MODEL:N with MODEL in {sorted(MODELS)}, got {item!r}")
-        variants.append((model, int(n), "pending"))
+            ap.error(f"--flower-dispatch: expected MODEL:N with MODEL in {sorted(MODELS)}, got {item!r}")
+        variants.append((model, int(n), "flower"))
     work = Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
     load_before = os.getloadavg()
     runs = []
     try:
-        for index, (model, n, extractor) in enumerate(variants):
-            runs.append(run_size(model, n, args, work, index, extractor))
+        for index, (model, n, dispatch) in enumerate(variants):
+            runs.append(run_size(model, n, args, work, index, dispatch))
             print(f"[scale] {json.dumps({k: v for k, v in runs[-1].items() if k != 'sampled_clients'})}", flush=True)
     finally:
         if args.keep:
@@ -425,7 +404,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     minilm_1000 = next((r for r in runs if r["model"] == "minilm" and r["num_clients"] == 1000
-                        and r["flower_extractor"] == "as-is"), None)
+                        and r["dispatch"] == "pending"), None)
     result: dict[str, Any] = {
         "round_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100),
         "round1_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round1_s"),
@@ -434,12 +413,12 @@ def main() -> None:
         "round1_wall_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, "round1_s"),
         "round_cpu_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round_cpu_mean_s"),
         "round_cpu_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, "round_cpu_mean_s"),
-        "pending_extractor": {
-            "round_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, extractor="pending"),
-            "round_wall_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, extractor="pending"),
-            "round_cpu_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round_cpu_mean_s", "pending"),
+        "flower_dispatch": {
+            "round_wall_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, dispatch="flower"),
+            "round_wall_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, dispatch="flower"),
+            "round_cpu_ratio_1000_vs_100": _ratio(runs, "minilm", 1000, 100, "round_cpu_mean_s", "flower"),
             "round_cpu_ratio_10000_vs_100_tiny": _ratio(runs, "tiny-bert", 10000, 100, "round_cpu_mean_s",
-                                                        "pending"),
+                                                        "flower"),
         },
         "runs": runs,
     }
@@ -465,9 +444,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == [PENDING_LAUNCH]:
-        install_pending_extractor()
-        from fedtune.cli import main as cli_main
-
-        sys.exit(cli_main(sys.argv[2:]))
     main()

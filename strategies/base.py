@@ -453,6 +453,10 @@ class LoraStrategy(Strategy):
         for key, value in ((ClientKey.PROCESS_S, m.process_s), (ClientKey.SETUP_S, m.setup_s)):
             if math.isfinite(value):  # a fresh ClientApp process's age at its reply; model/data load
                 rec[key] = round(value, 3)
+        for key, opt in ((ClientKey.APP_LOADED_S, m.app_loaded_s), (ClientKey.HANDLER_S, m.handler_s),
+                         (ClientKey.PROCESS_CPU_S, m.process_cpu_s), (ClientKey.HANDOFF_S, m.handoff_s)):
+            if opt is not None and math.isfinite(opt) and opt >= 0:  # where a deployment's process spent its time
+                rec[key] = round(opt, 4)
         if INFO_RECORD in reply.content.config_records:
             info = ReplyInfo.from_config(reply.content[INFO_RECORD])
             rec[ClientKey.WORKER] = info.worker

@@ -297,6 +297,10 @@ class ClientKey:
     REPLY_S = "reply_s"  # wall seconds from send to reply
     PROCESS_S = "process_s"
     SETUP_S = "setup_s"
+    APP_LOADED_S = "app_loaded_s"  # a deployment's ClientApp process: where its time went (TrainMetrics)
+    HANDLER_S = "handler_s"
+    PROCESS_CPU_S = "process_cpu_s"
+    HANDOFF_S = "handoff_s"
     WORKER = "worker"
     QUANTIZATION = "quantization"
     SIM_SECONDS = "sim_seconds"  # simulated client-round: compute + communication

@@ -64,12 +64,6 @@ def uses_worker(context: Context) -> bool:
     return str(value).lower() in _TRUE
 
 
-def _process_age_s(in_ray: bool) -> float:
-    """Seconds since this process started (what a fresh ClientApp process costs, with the work);
-    NaN in a Ray simulation, where the ClientApp lives in a long-lived actor."""
-    return float("nan") if in_ray else time.time() - _process_started_at()
-
-
 def _process_started_at() -> float:
     """When this process started (epoch seconds): from /proc on Linux, as psutil computes it
     (importing psutil would cost a fresh process tens of milliseconds); psutil elsewhere."""
@@ -89,15 +83,14 @@ def _process_started_at() -> float:
         return float("nan")
 
 
-def _report_timing(msg: Message, metrics: MetricRecord, client_id: int, op: str, entered: float,
+def _report_timing(msg: Message, metrics: MetricRecord, client_id: int, op: str, started: float, entered: float,
                    handoff: dict[str, float]) -> None:
     """Where a fresh ClientApp process's time went (deployment): process ages when this module was
     loaded (``app_loaded_s``: interpreter, Flower, the task pulled, the app bundle installed) and when
     the handler was entered (``handler_s``), its CPU seconds so far (``process_cpu_s``, what it cost
     whatever else the machine runs), and the worker hand-off's own cost (``handoff_s``: its wall
     time minus the worker's handler), in the reply's metrics and as one line on stdout (the
-    SuperNode's log), with the hand-off's parts."""
-    started = _process_started_at()
+    SuperNode's log), with the hand-off's parts. ``started``: when this process started."""
     fields = {"app_loaded_s": _LOADED_AT - started, "handler_s": entered - started,
               "process_cpu_s": time.process_time()}
     if "worker_handle_s" in handoff and "total_s" in handoff:
@@ -147,9 +140,12 @@ def _handle(msg: Message, context: Context, op: str) -> Message:
             handler = handle_evaluate if op == "evaluate" else handle_train
             content = handler(msg.content, dict(context.node_config), context.state, client_id)
         metrics: MetricRecord = content[METRICS]
-        metrics["process_s"] = _process_age_s(in_ray)  # this ClientApp process's age when the reply is ready
-        if not in_ray:
-            _report_timing(msg, metrics, client_id, op, entered, handoff)
+        if in_ray:  # a long-lived simulation actor: no process start-up to measure
+            metrics["process_s"] = float("nan")
+        else:  # this ClientApp process's age when the reply is ready, and where its time went
+            started = _process_started_at()
+            metrics["process_s"] = time.time() - started
+            _report_timing(msg, metrics, client_id, op, started, entered, handoff)
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a crashed client must not crash the round
         return _error_reply(msg, client_id, exc)

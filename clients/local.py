@@ -153,6 +153,18 @@ def inject_fault(kind: str, factors: Factors) -> Factors:
     return out
 
 
+def _open_request(content: RecordDict, client_id: int) -> TrainRequest:
+    """The message's request, checked to be addressed to ``client_id``; sets this process's torch
+    threads and, on a GPU, the device class's share of its memory."""
+    request = TrainRequest.from_config(content[CONFIG])
+    torch.set_num_threads(request.setup.train.num_threads)
+    if request.client_id != client_id:
+        raise ValueError(f"message addressed to client {request.client_id}, this node is {client_id}")
+    if request.gpu_fraction and torch.cuda.is_available():  # this device class's share of the GPU
+        torch.cuda.set_per_process_memory_fraction(request.gpu_fraction)
+    return request
+
+
 def handle_train(content: RecordDict, node_config: dict[str, Any], state: RecordDict, client_id: int,
                  on_crash: Callable[[], None] | None = None) -> RecordDict:
     """Train on one message's content; returns the reply content (raises on any failure).
@@ -161,19 +173,14 @@ def handle_train(content: RecordDict, node_config: dict[str, Any], state: Record
     error-feedback residual of a lossy reply transport).
     """
     t0 = time.perf_counter()
-    request = TrainRequest.from_config(content[CONFIG])
+    request = _open_request(content, client_id)
     setup = request.setup
-    torch.set_num_threads(setup.train.num_threads)
-    if request.client_id != client_id:
-        raise ValueError(f"message addressed to client {request.client_id}, this node is {client_id}")
     fault = request.fault
     if fault == "raise":
         raise RuntimeError(f"injected fault in round {request.server_round}")
     if fault == "crash":
         LOG.error("client %d: injected crash in round %d", client_id, request.server_round)
         (on_crash or (lambda: os._exit(3)))()
-    if request.gpu_fraction and torch.cuda.is_available():  # this device class's share of the GPU
-        torch.cuda.set_per_process_memory_fraction(request.gpu_fraction)
     t_setup = time.perf_counter()
     base = cached_base_model(setup.model, setup.seed)
     data = client_partition(setup, client_id)
@@ -221,13 +228,8 @@ def handle_evaluate(content: RecordDict, node_config: dict[str, Any], state: Rec
     (``metrics``: eval loss, accuracy or perplexity, ``num_examples``; ``info``). Raises on any failure,
     and when the client holds no evaluation example. ``state`` is read (masks), never changed."""
     t0 = time.perf_counter()
-    request = TrainRequest.from_config(content[CONFIG])
+    request = _open_request(content, client_id)
     setup = request.setup
-    torch.set_num_threads(setup.train.num_threads)
-    if request.client_id != client_id:
-        raise ValueError(f"message addressed to client {request.client_id}, this node is {client_id}")
-    if request.gpu_fraction and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(request.gpu_fraction)
     base = cached_base_model(setup.model, setup.seed)
     data = client_partition(setup, client_id, "eval")
     masks = evaluation_masks(state, content)

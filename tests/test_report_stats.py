@@ -218,3 +218,12 @@ def test_no_baseline_in_the_runs_reports_without_speedups(tmp_path):
     s = _summary(out)
     assert s["baseline"] is None and s["methods"]["a"]["speedup_geomean"] is None
     assert "No baseline named" in (out / "table.md").read_text()
+
+
+def test_t_interval_uses_students_t_for_the_sample_size():
+    from fedtune.reporting.stats import t_interval
+
+    assert t_interval([0.5]) is None
+    low, high = t_interval([1.0, 3.0])  # mean 2, sd sqrt(2), n 2: 12.706 * sqrt(2) / sqrt(2)
+    assert (low, high) == (round(2 - 12.706, 4), round(2 + 12.706, 4))
+    assert t_interval([0.0, 0.0, 0.03]) == [-0.033, 0.053]

@@ -22,14 +22,28 @@ Pure functions on plain numbers (numpy only), used by ``fedtune report``:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TimeToTarget", "sustained_time", "final_value", "bootstrap_ci", "geomean", "paired_speedups",
-           "paired_difference", "censoring_bias", "binomial_se", "t_quantile_975", "mean_band",
-           "N_RESAMPLES", "RNG_SEED"]
+__all__ = [
+    "N_RESAMPLES",
+    "RNG_SEED",
+    "TimeToTarget",
+    "binomial_se",
+    "bootstrap_ci",
+    "censoring_bias",
+    "final_value",
+    "geomean",
+    "mean_band",
+    "paired_difference",
+    "paired_speedups",
+    "sustained_time",
+    "t_interval",
+    "t_quantile_975",
+]
 
 N_RESAMPLES = 10_000
 RNG_SEED = 0
@@ -165,6 +179,15 @@ def t_quantile_975(df: int) -> float:
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
     return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def t_interval(xs: Sequence[float]) -> list[float] | None:
+    """95% Student-t interval of the mean of ``xs`` (rounded to 4 places); None with fewer than two."""
+    if len(xs) < 2:
+        return None
+    m = statistics.fmean(xs)
+    half = t_quantile_975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return [round(m - half, 4), round(m + half, 4)]
 
 
 def mean_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], points: int = 100

@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from fedtune.reporting.stats import t_interval
+
 CODECS = ("fp32", "fp16", "int8")
 
 
@@ -62,7 +64,7 @@ def run(config: Path, codec: str, seed: int, rounds: int, out: Path, extra: list
             return {"records": read_metrics(out / "metrics.jsonl"),
                     "summary": json.loads((out / "summary.json").read_text()), "wall_s": None}
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{codec} seed {seed} failed:\n{proc.stderr[-3000:]}")
     from fedtune.round.outputs import read_metrics
@@ -78,16 +80,6 @@ def client_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def final_metric(records: list[dict[str, Any]], key: str, window: int) -> float:
     values = [r[key] for r in records if r.get(key) is not None]
     return statistics.fmean(values[-window:])
-
-
-def t_interval(xs: list[float]) -> list[float] | None:
-    """95% t-interval of the mean (None with fewer than two values)."""
-    if len(xs) < 2:
-        return None
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(len(xs), 2.0)
-    half = t * statistics.stdev(xs) / math.sqrt(len(xs))
-    m = statistics.fmean(xs)
-    return [round(m - half, 4), round(m + half, 4)]
 
 
 def main() -> None:

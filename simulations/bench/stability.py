@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from fedtune.reporting.stats import binomial_se, t_interval
+
 # variant name -> config overrides (``--set`` values) on top of the experiment
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -52,7 +54,6 @@ VARIANTS: dict[str, list[str]] = {
     "batch-32": ["train.batch_size=32"],
 }
 DEFAULT_VARIANTS = ["baseline", "avgm", "adam-1e-2", "cosine-clip", "batch-32"]
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
 def run(config: Path, sets: list[str], out: Path) -> tuple[list[dict[str, Any]], float | None]:
@@ -90,18 +91,9 @@ def stability(curve: list[tuple[int, float]], settle: int, n_eval: int) -> dict[
     if not changes:
         return {"mean_abs_change": math.nan, "change_over_se": math.nan}
     p = statistics.fmean(a for _, a in late)
-    se = math.sqrt(p * (1 - p) / n_eval)
+    se = binomial_se(p, n_eval)
     mean = statistics.fmean(changes)
     return {"mean_abs_change": mean, "change_over_se": mean / se if se > 0 else math.nan}
-
-
-def t_interval(xs: list[float]) -> list[float] | None:
-    """95% t-interval of the mean (None with fewer than two values)."""
-    if len(xs) < 2:
-        return None
-    half = T95.get(len(xs), 2.0) * statistics.stdev(xs) / math.sqrt(len(xs))
-    m = statistics.fmean(xs)
-    return [round(m - half, 4), round(m + half, 4)]
 
 
 def summarise(curves: dict[int, list[tuple[int, float]]], base: dict[int, list[tuple[int, float]]] | None,

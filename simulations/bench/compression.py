@@ -101,6 +101,9 @@ def main() -> None:
         from simulations.reproduce import load_setting, method_config
 
         setting = load_setting(args.setting)
+        if args.method not in setting["methods"] or args.method == "best-static":
+            p.error(f"--method: {args.method!r} is not a method of {args.setting} that runs as it is"
+                    f" (choose from {', '.join(m for m in setting['methods'] if m != 'best-static')})")
         tmp_cfg = Path(tempfile.mkdtemp(prefix="ftc-cfg-")) / f"{setting['setting']}.{args.method}.toml"
         from fedtune.core.config import config_from_dict
 

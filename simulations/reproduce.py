@@ -38,10 +38,12 @@ import argparse
 import json
 import os
 import platform
+import queue
 import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("fedspine", "hetlora", "flexlora", "fedit", "random", "best-static", "ucb1")
+METHODS = ("cost-ucb", "fedspine", "hetlora", "flexlora", "fedit", "random", "best-static", "static-by-class", "ucb1")
+SCHEDULES = ("at-once", "gradual")
 REQUIRED = ("setting", "sparsity", "seeds", "metric", "target", "baseline", "ranks", "class_ranks", "methods",
             "experiment")
 
@@ -89,11 +92,21 @@ def load_setting(path: Path) -> dict[str, Any]:
                          f" ({', '.join(s['methods'])})")
     if "best-static" in s["methods"] and not s.get("tuning_seeds"):
         raise SystemExit(f"reproduce: {path}: tuning_seeds: best-static is tuned on them; need at least one")
+    for m, n in s.get("method_seeds", {}).items():
+        if m not in s["methods"]:
+            raise SystemExit(f"reproduce: {path}: method_seeds: {m!r} is not one of the methods")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(s["seeds"]):
+            raise SystemExit(f"reproduce: {path}: method_seeds.{m}: need an integer in [1, {len(s['seeds'])}], got {n!r}")
+    bad = sorted(set(s.get("grid_schedules", ["at-once"])) - set(SCHEDULES))
+    if bad:
+        raise SystemExit(f"reproduce: {path}: grid_schedules: unknown schedule {bad[0]!r} (known: {', '.join(SCHEDULES)})")
 
+    if "static-by-class" in s["methods"]:
+        s["datasheet_arms"] = datasheet_arms(s)
     for m in s["methods"]:  # every run's config is checked now, not after hours of earlier runs
         for name in (list(grid(s)) if m == "best-static" else [m]):
             try:
-                config_from_dict(method_config(s, name, s["seeds"][0], grid(s).get(name)))
+                config_from_dict(method_config(s, name, s["seeds"][0], static_of(s, name)))
             except ConfigError as exc:
                 raise SystemExit(f"reproduce: {path}: [experiment] for method {name!r}: {exc}") from None
     return s
@@ -106,25 +119,70 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def static_arms(s: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
+def static_arms(s: dict[str, Any], ranks: dict[str, int], schedule: str = "at-once",
+                steps: dict[str, float] | None = None) -> dict[str, Any]:
+    """A static policy: per device class a rank, pruned to the sparsity at once (``ratio_mode`` target)
+    or in steps (``gradual``: half the sparsity a round, or per class ``steps``, until it is reached)."""
     sp = float(s["sparsity"])
-    return {"name": "static", "ratio_mode": "target", "ratios": [sp], "ranks": sorted(set(ranks.values())),
-            "target_sparsity": sp, "args": {"arms": {c: [sp, int(r)] for c, r in ranks.items()}}}
+    if schedule == "at-once" and not steps:
+        return {"name": "static", "ratio_mode": "target", "ratios": [sp], "ranks": sorted(set(ranks.values())),
+                "target_sparsity": sp, "args": {"arms": {c: [sp, int(r)] for c, r in ranks.items()}}}
+    steps = steps or {c: round(sp / 2, 4) for c in ranks}
+    return {"name": "static", "ratio_mode": "step", "ratios": sorted({round(sp / 2, 4), sp, *steps.values()}),
+            "ranks": sorted(set(ranks.values())), "target_sparsity": sp,
+            "args": {"arms": {c: [steps[c], int(r)] for c, r in ranks.items()}}}
 
 
-def grid(s: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """best-static candidates: one rank for every device class (the per-class ranks are ``flexlora``)."""
+def grid(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """best-static candidates: one rank for every device class (``grid_ranks``, default ``ranks``) under each
+    pruning schedule of ``grid_schedules`` (default at once; the per-class ranks are ``flexlora``)."""
     classes = sorted(s["experiment"].get("fleet", {}).get("devices", s["class_ranks"]))
-    return {f"static-r{r}": {c: int(r) for c in classes} for r in s["ranks"]}
+    out = {}
+    for schedule in s.get("grid_schedules", ["at-once"]):
+        for r in s.get("grid_ranks", s["ranks"]):
+            name = f"static-r{r}" + ("" if schedule == "at-once" else f"-{schedule}")
+            out[name] = {"ranks": {c: int(r) for c in classes}, "schedule": schedule}
+    return out
 
 
-def method_config(s: dict[str, Any], method: str, seed: int, static: dict[str, int] | None = None) -> dict[str, Any]:
+def datasheet_arms(s: dict[str, Any]) -> dict[str, list[float]]:
+    """Static by device class from datasheets: per class the (pruning step, rank) of the fedspine method's
+    arms that the cost model picks from the profiles' nominal speeds alone (no hidden part;
+    ``fedtune.fleet.costsim.datasheet_arms``)."""
+    from fedtune.core.config import config_from_dict
+    from fedtune.fleet.costsim import CostSim, model_dims
+    from fedtune.fleet.costsim import datasheet_arms as sheet
+
+    cfg = config_from_dict(method_config(s, "fedspine", s["seeds"][0]))
+    return {c: [a.ratio, a.rank] for c, a in sorted(sheet(CostSim(cfg, model_dims(cfg))).items())}
+
+
+def static_of(s: dict[str, Any], method: str) -> dict[str, Any] | None:
+    """A grid candidate's ranks and schedule, or static-by-class's arms; None for other methods."""
+    if method == "static-by-class":
+        return {"arms": s["datasheet_arms"]}
+    return grid(s).get(method)
+
+
+def seeds_of(s: dict[str, Any], method: str) -> list[int]:
+    """The evaluation seeds ``method`` runs on: all, or the first ``method_seeds[method]``."""
+    return list(s["seeds"])[: s.get("method_seeds", {}).get(method, len(s["seeds"]))]
+
+
+def method_config(s: dict[str, Any], method: str, seed: int, static: dict[str, Any] | None = None) -> dict[str, Any]:
     sp, ranks = float(s["sparsity"]), [int(r) for r in s["ranks"]]
     cfg = _merge(s["experiment"], {"name": f"{s['setting']}.{method}.seed{seed}", "seed": seed})
     bandit = {"ratios": [round(sp / 2, 4), sp], "ranks": ranks, "target_sparsity": sp, "ratio_mode": "step"}
-    if method == "fedspine":
+    if method in ("fedspine", "cost-ucb"):
         extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": "flexlora"}},
-                 "policy": {"name": "s-ucb", **bandit}}
+                 "policy": {"name": "s-ucb" if method == "fedspine" else "cost-ucb", **bandit}}
+    elif method == "static-by-class":
+        if static is None:
+            raise ValueError(f"{method}: needs the per-class arms")
+        arms = static["arms"]
+        extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": "flexlora"}},
+                 "policy": static_arms(s, {c: int(a[1]) for c, a in arms.items()}, "gradual",
+                                       {c: float(a[0]) for c, a in arms.items()})}
     elif method in ("random", "ucb1"):
         extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": "flexlora"}},
                  "policy": {"name": method, **bandit}}
@@ -138,17 +196,18 @@ def method_config(s: dict[str, Any], method: str, seed: int, static: dict[str, i
         if static is None:
             raise ValueError(f"{method}: needs the static ranks")
         extra = {"federation": {"strategy": "fedspine", "strategy_args": {"aggregation": "flexlora"}},
-                 "policy": static_arms(s, static)}
+                 "policy": static_arms(s, static["ranks"], static.get("schedule", "at-once"))}
     else:
         raise ValueError(method)
     return _merge(cfg, extra)
 
 
 def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str, Any], meta: dict[str, Any],
-            log: Any, ray_address: str = "") -> Path:
+            log: Any, ray_address: str = "", ray_tmpdir: str = "") -> Path:
     """Run ``method`` with ``seed`` into ``<runs>/<setting>/<method>/seed<seed>/`` (a finished run is kept,
     an interrupted one resumes); its ``experiment.json`` carries the setting's comparison keys.
-    ``ray_address`` attaches the run to that Ray cluster (``simulation.ray_address``)."""
+    ``ray_address`` attaches the run to that Ray cluster (``simulation.ray_address``); ``ray_tmpdir`` gives
+    its own local Ray a folder of its own (runs side by side)."""
     from fedtune.core.config import config_from_dict
     from fedtune.reporting.settings import comparison_settings
     from fedtune.round.checkpoint import has_checkpoint
@@ -167,6 +226,8 @@ def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str
     cmd = [sys.executable, "-m", "fedtune", "simulate", "--config", str(cfg_path), "--out", str(run_dir)]
     if ray_address:
         cmd += ["--set", f'simulation.ray_address="{ray_address}"']
+    elif ray_tmpdir:
+        cmd += ["--set", f'simulation.ray_tmpdir="{ray_tmpdir}"']
     # an interrupted run resumes from its committed checkpoint; otherwise the run starts afresh in the
     # folder that already holds its experiment files (and whatever an interrupted start left)
     cmd.append("--resume" if has_checkpoint(run_dir / "checkpoint") else "--force")
@@ -177,7 +238,7 @@ def run_one(s: dict[str, Any], method: str, seed: int, runs: Path, cfg: dict[str
         tail = (run_dir / "log.txt").read_text().splitlines()[-15:]
         raise SystemExit(f"reproduce: {s['setting']}/{method}/seed{seed} failed (exit {proc.returncode});"
                          f" log {run_dir / 'log.txt'}:\n" + "\n".join(tail))
-    log.write(f"{s['setting']}/{method}/seed{seed}: {time.time() - t0:.0f}s")
+    log.write(f"{s['setting']}/{method}/seed{seed}: {time.time() - t0:.0f}s", file=sys.stdout)
     return run_dir
 
 
@@ -215,37 +276,61 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "fedspine")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fedspine")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a single-threaded simulation"
+                    " with its own Ray; 2 on a 2-core machine)")
     ap.add_argument("--ray-address", default="", help="run every simulation on this Ray cluster"
                     " (host:port of `ray start --head`; simulation.ray_address) instead of a fresh local Ray each")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs: need at least 1")
+    if args.jobs > 1 and args.ray_address:
+        ap.error("--jobs: runs side by side each start their own Ray; leave out --ray-address")
     settings = [load_setting(p) for p in args.settings]
-    jobs: list[tuple[dict[str, Any], str, int]] = []
-    for s in settings:
-        for m in s["methods"]:
-            if m == "best-static":  # the grid on the tuning seeds, then the chosen one on the evaluation seeds
-                jobs += [(s, name, seed) for name in grid(s) for seed in s["tuning_seeds"]]
-                jobs += [(s, m, seed) for seed in s["seeds"]]
-            else:
-                jobs += [(s, m, seed) for seed in s["seeds"]]
+    # phase 1: best-static's grid on the tuning seeds; phase 2: every method on its evaluation seeds, seed by
+    # seed (an interrupted reproduction has whole seeds to compare), best-static as the grid chose
+    tuning = [(s, name, seed) for s in settings if "best-static" in s["methods"]
+              for seed in s["tuning_seeds"] for name in grid(s)]
+    evaluation = [(s, m, seed) for s in settings for seed in s["seeds"] for m in s["methods"]
+                  if seed in seeds_of(s, m)]
     t0 = time.time()
     dirs: list[Path] = []
     chosen: dict[str, str] = {}  # setting -> its best-static grid candidate
-    with tqdm(jobs, desc="fedspine", unit="run", file=sys.stdout, dynamic_ncols=True) as bar:
-        for s, m, seed in bar:
-            bar.set_postfix_str(f"{s['setting']}/{m}/seed{seed}")
-            meta: dict[str, Any] = {}
-            static = None
-            if m.startswith("static-"):
-                static, meta = grid(s)[m], {"grid_candidate": True}
-            elif m == "best-static":
-                if s["setting"] not in chosen:  # the grid ran on the tuning seeds, before these jobs
-                    chosen[s["setting"]] = best_static(s, args.runs_dir)
-                choice = chosen[s["setting"]]
-                static, meta = grid(s)[choice], {"chosen": choice}
-            if m.startswith("static-") or m == "best-static":
-                meta["static_ranks"] = static
-            dirs.append(run_one(s, m, seed, args.runs_dir, method_config(s, m, seed, static), meta, bar,
-                                args.ray_address))
+
+    slots: queue.Queue[int] = queue.Queue()  # side-by-side runs each start Ray in a folder of their own
+    for i in range(args.jobs):
+        slots.put(i)
+
+    def job(s: dict[str, Any], m: str, seed: int, bar: Any) -> Path:
+        meta: dict[str, Any] = {}
+        static = static_of(s, m)
+        if m.startswith("static-r"):
+            meta = {"grid_candidate": True, "static": static}
+        elif m == "best-static":
+            static = grid(s)[chosen[s["setting"]]]
+            meta = {"chosen": chosen[s["setting"]], "static": static}
+        elif m == "static-by-class":
+            meta = {"static": static}
+        slot = slots.get()
+        try:
+            run = run_one(s, m, seed, args.runs_dir, method_config(s, m, seed, static), meta, bar, args.ray_address,
+                          f"/tmp/fedtune-ray-{os.getpid()}-{slot}" if args.jobs > 1 else "")
+        finally:
+            slots.put(slot)
+        bar.update(1)
+        return run
+
+    with tqdm(total=len(tuning) + len(evaluation), desc="fedspine", unit="run", file=sys.stdout,
+              dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for phase in (tuning, evaluation):
+            if phase is evaluation:
+                for s in settings:
+                    if "best-static" in s["methods"]:
+                        chosen[s["setting"]] = best_static(s, args.runs_dir)
+                        bar.write(f"[reproduce] {s['setting']}: best-static is {chosen[s['setting']]}"
+                                  f" (on tuning seeds {', '.join(map(str, s['tuning_seeds']))})")
+            futures = [pool.submit(job, s, m, seed, bar) for s, m, seed in phase]
+            for f in futures:
+                dirs.append(f.result())  # a failed run stops the reproduction (the others finish first)
     print(f"[reproduce] {len(dirs)} runs in {time.time() - t0:.0f}s under {args.runs_dir}", flush=True)
     if not args.no_report:
         from fedtune.reporting.comparison import report

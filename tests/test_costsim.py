@@ -42,7 +42,7 @@ def minilm_dims():
 
 def fedspine_config(overrides=(), devices=None, num_clients=None, fraction=None):
     """The minilm-s30 setting's experiment with its fedspine arms (step pruning to 0.3, ranks 4/8/16)."""
-    s = tomllib.loads((ROOT / "simulations" / "fedspine" / "minilm-s30.toml").read_text())
+    s = tomllib.loads((ROOT / "simulations" / "fedspine" / "previous" / "minilm-s30.toml").read_text())
     table = dict(s["experiment"])
     table["policy"] = {"name": "s-ucb", "ratios": [0.15, 0.3], "ranks": [4, 8, 16], "target_sparsity": 0.3,
                        "ratio_mode": "step"}

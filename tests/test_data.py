@@ -41,6 +41,27 @@ def test_split_and_partitions_are_deterministic_and_disjoint():
     assert max(fractions) - min(fractions) > 0.3
 
 
+def test_stratified_held_out_set_keeps_the_label_shares():
+    from collections import Counter
+
+    corpus = load_corpus(DataConfig(dataset="chatterbot"), "classification")
+    share = Counter(corpus["label"])
+    cfg = DataConfig(dataset="chatterbot", eval_size=300, eval_stratify="label")
+    fed = FederatedData(cfg, "classification", 4, seed=3)
+    held = Counter(fed.eval["label"])
+    assert len(fed.eval) == 300 and len(fed.train) == len(corpus) - 300
+    for label, n in share.items():  # each label within one example of its exact share
+        assert abs(held[label] - 300 * n / len(corpus)) < 1.0, (label, held[label])
+    assert not set(fed.eval["text"]) & set(fed.train["text"]) - set(t for t, c in Counter(corpus["text"]).items() if c > 1)
+    again = FederatedData(cfg, "classification", 4, seed=3)
+    assert again.eval["text"] == fed.eval["text"]
+    plain = FederatedData(DataConfig(dataset="chatterbot", eval_size=300), "classification", 4, seed=3)
+    assert plain.eval["text"] != fed.eval["text"]
+    with pytest.raises(ConfigError, match="data.eval_stratify: the corpus has no column 'genre'"):
+        FederatedData(DataConfig(dataset="chatterbot", eval_size=300, eval_stratify="genre"), "classification", 4,
+                      seed=3)
+
+
 def test_natural_id_partitioning_by_play():
     fed = FederatedData(DataConfig(dataset="shakespeare", partitioner="natural-id", partition_by="play"),
                         "causal-lm", 38, seed=0)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "simulations"))
 def _setting():
     import reproduce
 
-    return reproduce, reproduce.load_setting(ROOT / "simulations" / "fedspine" / "minilm-s30.toml")
+    return reproduce, reproduce.load_setting(ROOT / "simulations" / "fedspine" / "previous" / "minilm-s30.toml")
 
 
 def test_every_committed_setting_builds_a_valid_config_for_every_method():
@@ -24,13 +24,14 @@ def test_every_committed_setting_builds_a_valid_config_for_every_method():
 
     from fedtune.core.config import config_from_dict
 
-    for path in sorted((ROOT / "simulations" / "fedspine").glob("*.toml")) + [ROOT / "simulations" / "reproduce_smoke.toml"]:
+    paths = sorted((ROOT / "simulations" / "fedspine").glob("**/*.toml")) + [ROOT / "simulations" / "reproduce_smoke.toml"]
+    assert len(paths) >= 5
+    for path in paths:
         s = reproduce.load_setting(path)
         for m in s["methods"]:
             names = list(reproduce.grid(s)) if m == "best-static" else [m]
             for name in names:
-                static = reproduce.grid(s)[name] if name.startswith("static-") else None
-                cfg = config_from_dict(reproduce.method_config(s, name, s["seeds"][0], static))
+                cfg = config_from_dict(reproduce.method_config(s, name, s["seeds"][0], reproduce.static_of(s, name)))
                 assert cfg.deploy_sparsity == pytest.approx(s["sparsity"]), (path.name, name)
                 assert cfg.fleet.devices == s["experiment"]["fleet"]["devices"]
 
@@ -48,6 +49,30 @@ def test_methods_differ_where_the_issue_says():
     assert set(reproduce.grid(s)) == {"static-r4", "static-r8", "static-r16"}
 
 
+def test_hidden_fleet_setting_runs_the_cost_aware_bandit_datasheet_static_and_a_gradual_grid():
+    import reproduce
+
+    from fedtune.core.config import config_from_dict
+
+    s = reproduce.load_setting(ROOT / "simulations" / "fedspine" / "minilm-hidden.toml")
+    cu = config_from_dict(reproduce.method_config(s, "cost-ucb", 0))
+    assert cu.policy.name == "cost-ucb" and cu.policy.ratio_mode == "step" and cu.fleet.hidden_link == [0.25, 4.0]
+    assert cu.data.eval_size == 500 and cu.data.eval_stratify == "label"
+    # static by class from datasheets: the cost model's per-class arm from nominal speeds, pruned in steps
+    assert set(s["datasheet_arms"]) == set(s["class_ranks"])
+    sheet = config_from_dict(reproduce.method_config(s, "static-by-class", 0, reproduce.static_of(s, "static-by-class")))
+    assert sheet.policy.name == "static" and sheet.policy.ratio_mode == "step"
+    assert {c: list(a) for c, a in sheet.policy.args["arms"].items()} == s["datasheet_arms"]
+    assert list(reproduce.grid(s)) == ["static-r4", "static-r16", "static-r4-gradual", "static-r16-gradual"]
+    at_once = reproduce.method_config(s, "static-r16", 0, reproduce.static_of(s, "static-r16"))["policy"]
+    gradual = reproduce.method_config(s, "static-r16-gradual", 0, reproduce.static_of(s, "static-r16-gradual"))["policy"]
+    assert at_once["ratio_mode"] == "target" and at_once["args"]["arms"]["jetson-tx2"] == [0.3, 16]
+    assert gradual["ratio_mode"] == "step" and gradual["args"]["arms"]["jetson-tx2"] == [0.15, 16]
+    # the bandits and the baseline on every evaluation seed, the other baselines on the first two or three
+    assert reproduce.seeds_of(s, "cost-ucb") == reproduce.seeds_of(s, "best-static") == [0, 1, 2, 3, 4]
+    assert reproduce.seeds_of(s, "hetlora") == [0, 1] and reproduce.seeds_of(s, "static-by-class") == [0, 1, 2]
+
+
 @pytest.mark.parametrize("old,new,message", [
     ('methods = ["fedspine"', 'methods = ["fedprox"', "unknown method 'fedprox'"),
     ("local_steps = 4", "local_step = 4", "local_step"),
@@ -57,6 +82,9 @@ def test_methods_differ_where_the_issue_says():
     ("tuning_seeds = [2]", "tuning_seeds = []", "tuning_seeds: best-static is tuned on them"),
     ('baseline = "best-static"', 'baseline = "fedit"', "baseline: 'fedit' is not one of the methods"),
     ('baseline = "best-static"\n', "", "missing key 'baseline'"),
+    ("tuning_seeds = [2]", 'tuning_seeds = [2]\nmethod_seeds = { fedit = 1 }', "method_seeds: 'fedit' is not one of"),
+    ("tuning_seeds = [2]", 'tuning_seeds = [2]\nmethod_seeds = { fedspine = 3 }', r"method_seeds.fedspine: need an integer in \[1, 2\]"),
+    ("tuning_seeds = [2]", 'tuning_seeds = [2]\ngrid_schedules = ["slowly"]', "grid_schedules: unknown schedule 'slowly'"),
 ])
 def test_a_bad_setting_names_the_key(tmp_path, old, new, message):
     import reproduce

@@ -119,6 +119,9 @@ class DataConfig:
     # extra partitioner kwargs; dirichlet defaults to alpha = 1.0, min_partition_size = 10
     partitioner_args: dict[str, Any] = field(default_factory=dict)
     eval_size: int = 400  # held-out server evaluation examples
+    # stratify the held-out set on this column (e.g. "label"): each value keeps its corpus share; "" = a plain
+    # seeded random sample
+    eval_stratify: str = ""
     max_examples: int = 0  # cap on the whole corpus before the split; 0 = all
     # fraction of each client's partition held out as its own evaluation split (seeded; never
     # trained on), for the federated evaluate phase (federation.evaluate_clients); 0 = none

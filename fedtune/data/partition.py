@@ -23,12 +23,29 @@ __all__ = ["split_corpus", "make_partitioner", "FederatedData", "cached_federate
            "client_eval_indices"]
 
 
-def split_corpus(ds: Any, eval_size: int, seed: int) -> tuple[Any, Any]:
-    """Seeded shuffle, then (train, held-out server eval of ``eval_size`` examples)."""
+def split_corpus(ds: Any, eval_size: int, seed: int, stratify: str = "") -> tuple[Any, Any]:
+    """Seeded shuffle, then (train, held-out server eval of ``eval_size`` examples). With ``stratify`` (a
+    column), every value of that column gets its share of the held-out set (largest remainders), the
+    examples taken in shuffled order."""
     if eval_size >= len(ds):
         raise ConfigError(f"data.eval_size: {eval_size} leaves no training data (corpus has {len(ds)})")
     ds = ds.shuffle(seed=seed)
-    return ds.select(range(eval_size, len(ds))), ds.select(range(eval_size))
+    if not stratify:
+        return ds.select(range(eval_size, len(ds))), ds.select(range(eval_size))
+    if stratify not in ds.column_names:
+        raise ConfigError(f"data.eval_stratify: the corpus has no column {stratify!r}"
+                          f" (columns: {', '.join(ds.column_names)})")
+    values = ds[stratify]
+    by_value: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        by_value.setdefault(v, []).append(i)
+    exact = {v: eval_size * len(ix) / len(values) for v, ix in by_value.items()}
+    quota = {v: int(q) for v, q in exact.items()}
+    for v in sorted(exact, key=lambda v: (quota[v] - exact[v], str(v)))[: eval_size - sum(quota.values())]:
+        quota[v] += 1
+    held = sorted(i for v, ix in by_value.items() for i in ix[: quota[v]])
+    chosen = set(held)
+    return ds.select([i for i in range(len(ds)) if i not in chosen]), ds.select(held)
 
 
 def client_eval_count(size: int, fraction: float) -> int:
@@ -101,7 +118,7 @@ class FederatedData:
         self.cfg = cfg
         self.seed = seed
         corpus = load_corpus(cfg, task, num_labels)
-        self.train, self.eval = split_corpus(corpus, cfg.eval_size, seed)
+        self.train, self.eval = split_corpus(corpus, cfg.eval_size, seed, cfg.eval_stratify)
         self.partitioner = make_partitioner(cfg, num_clients, seed)
         self.partitioner.dataset = self.train
         self.num_clients = num_clients

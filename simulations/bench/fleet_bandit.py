@@ -1,7 +1,7 @@
 """FedSpine's bandit on the 80-device fleet: simulated time to a target accuracy for S-UCB against
 static-by-class, random and UCB1, over several seeds, every method at the same deployed sparsity.
 
-The runs are those of the reproduction's ``minilm-s30`` setting (``simulations/fedspine/minilm-s30.toml``:
+The runs are those of the reproduction's ``minilm-s30`` setting (``simulations/fedspine/previous/minilm-s30.toml``:
 MiniLM on Rotten Tomatoes, 30 Jetson TX2 + 40 Xavier NX + 10 AGX Xavier, a tenth of the fleet
 sampled per round, clients really pruning; see ``simulations/reproduce.py`` for the methods):
 S-UCB is ``fedspine`` (pruning steps of half or all of the target sparsity, ranks 4/8/16, pooled by
@@ -63,7 +63,7 @@ def main() -> None:
     from fedtune.reporting.comparison import run_stats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", type=Path, default=ROOT / "simulations" / "fedspine" / "minilm-s30.toml")
+    ap.add_argument("--setting", type=Path, default=ROOT / "simulations" / "fedspine" / "previous" / "minilm-s30.toml")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "fedspine")
     ap.add_argument("--target-accuracy", type=float, help="default: the setting's target")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fleet_bandit.json")

@@ -276,6 +276,9 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "fedspine")
     ap.add_argument("--out", type=Path, default=ROOT / "simulations" / "results" / "fedspine")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--tuning-only", action="store_true", help="run best-static's grid on the tuning seeds, name"
+                    " the choice and stop (a setting may declare its target after these runs, before any on an"
+                    " evaluation seed)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a single-threaded simulation"
                     " with its own Ray; 2 on a 2-core machine)")
     ap.add_argument("--ray-address", default="", help="run every simulation on this Ray cluster"
@@ -290,8 +293,10 @@ def main() -> None:
     # seed (an interrupted reproduction has whole seeds to compare), best-static as the grid chose
     tuning = [(s, name, seed) for s in settings if "best-static" in s["methods"]
               for seed in s["tuning_seeds"] for name in grid(s)]
-    evaluation = [(s, m, seed) for s in settings for seed in s["seeds"] for m in s["methods"]
-                  if seed in seeds_of(s, m)]
+    # the methods on every evaluation seed first (seed by seed), then those with fewer seeds
+    evaluation = sorted(((s, m, seed) for s in settings for seed in s["seeds"] for m in s["methods"]
+                         if seed in seeds_of(s, m)),
+                        key=lambda j: (len(seeds_of(j[0], j[1])) < len(j[0]["seeds"]), j[0]["seeds"].index(j[2])))
     t0 = time.time()
     dirs: list[Path] = []
     chosen: dict[str, str] = {}  # setting -> its best-static grid candidate
@@ -331,6 +336,13 @@ def main() -> None:
             futures = [pool.submit(job, s, m, seed, bar) for s, m, seed in phase]
             for f in futures:
                 dirs.append(f.result())  # a failed run stops the reproduction (the others finish first)
+            if args.tuning_only:
+                for s in settings:
+                    if "best-static" in s["methods"]:
+                        bar.write(f"[reproduce] {s['setting']}: best-static would be {best_static(s, args.runs_dir)}")
+                print(f"[reproduce] {len(dirs)} tuning runs in {time.time() - t0:.0f}s under {args.runs_dir}",
+                      flush=True)
+                return
     print(f"[reproduce] {len(dirs)} runs in {time.time() - t0:.0f}s under {args.runs_dir}", flush=True)
     if not args.no_report:
         from fedtune.reporting.comparison import report

@@ -334,8 +334,13 @@ def main() -> None:
                         bar.write(f"[reproduce] {s['setting']}: best-static is {chosen[s['setting']]}"
                                   f" (on tuning seeds {', '.join(map(str, s['tuning_seeds']))})")
             futures = [pool.submit(job, s, m, seed, bar) for s, m, seed in phase]
-            for f in futures:
-                dirs.append(f.result())  # a failed run stops the reproduction (the others finish first)
+            try:
+                for f in futures:
+                    dirs.append(f.result())
+            except BaseException:  # a failed run stops the reproduction: runs not started are dropped,
+                for f in futures:  # the ones running finish (and are kept for the next start)
+                    f.cancel()
+                raise
             if args.tuning_only:
                 for s in settings:
                     if "best-static" in s["methods"]:

@@ -1,8 +1,10 @@
 """The FedSpine reproduction driver (simulations/reproduce.py) and ``fedtune report``."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -186,3 +188,27 @@ def test_scaled_down_reproduction_runs_resumes_and_reports(tmp_path, shared_ray)
     assert again["target"] == 0.5
     cfg = tomllib.loads((runs / "smoke" / "fedspine" / "seed0" / "config.toml").read_text())
     assert cfg["policy"]["name"] == "s-ucb"
+
+
+def test_a_failed_run_stops_the_side_by_side_runs_not_yet_started(tmp_path, monkeypatch):
+    import reproduce
+
+    started = []
+
+    def fake_run_one(s, method, seed, runs, cfg, meta, log, ray_address="", ray_tmpdir=""):
+        started.append((method, seed, ray_tmpdir))
+        if method == "fedspine" and seed == 0:
+            raise SystemExit("reproduce: smoke/fedspine/seed0 failed (exit 1)")
+        time.sleep(0.5)  # the others take a while: the failure is seen while they run
+        return runs / method / f"seed{seed}"
+
+    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
+    monkeypatch.setattr(reproduce, "best_static", lambda s, runs: "static-r2")
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--settings", str(ROOT / "simulations" / "reproduce_smoke.toml"),
+                                      "--runs-dir", str(tmp_path), "--jobs", "2", "--no-report"])
+    with pytest.raises(SystemExit, match="fedspine/seed0 failed"):
+        reproduce.main()
+    # the grid on the tuning seed first, then evaluation seed 0; seed 1's runs never start
+    assert [m for m, _, _ in started[:2]] == ["static-r2", "static-r4"]
+    assert all(seed != 1 for _, seed, _ in started), started
+    assert {t for _, _, t in started} <= {f"/tmp/fedtune-ray-{os.getpid()}-0", f"/tmp/fedtune-ray-{os.getpid()}-1"}

@@ -29,7 +29,7 @@ reads; a finished run (``summary.json``) is skipped and an interrupted one resum
 checkpoint, so the driver can be stopped and started again.
 
     .venv/bin/python simulations/reproduce.py                 # all settings, then the report
-    .venv/bin/python simulations/reproduce.py --settings simulations/fedspine/minilm-s30.toml
+    .venv/bin/python simulations/reproduce.py --settings simulations/fedspine/minilm-hidden.toml --jobs 2
 """
 
 from __future__ import annotations

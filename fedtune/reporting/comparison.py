@@ -467,7 +467,7 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
                 zorder=len(order) + z, label=f"{m} (n={n}{'' if n > 1 else ', no band'})")
     ax.axhline(target, color="grey", ls=(0, (1, 3)), lw=1.2, label=f"target {target:g}")
     ax.set(xlabel=unit, ylabel=f"held-out {m_.short}",
-           title=f"{title}: mean over seeds, 95% CI band")
+           title=f"{title}:\nmean over seeds, 95% CI band")
     if not m_.higher_is_better:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -479,7 +479,8 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
     written.append(path.name)
 
     # time to target: one dot per seed, censored seeds hollow at their horizon
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.55 * len(order)))
+    height = 1.7 + 0.55 * len(order)
+    fig, ax = plt.subplots(figsize=(8, height))
     for row, m in enumerate(order):
         rs = by[m]
         st = style[m]
@@ -494,16 +495,16 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
             ax.plot(entry["methods"][m]["time_to_target_geomean_s"], row, marker="|", ms=22, mew=2, color="black",
                     ls="none", zorder=2)  # under the seeds' dots
     ax.set_yticks(range(len(order)), order)
-    ax.invert_yaxis()
+    ax.set_ylim(len(order) - 0.5, -0.5)  # first method on top, every row's dots inside the axes
     ax.set(xlabel=f"{unit} to target ({m_.short} {m_.comparator} {target:g}, running mean of"
-                  f" {entry['sustain_k']} evaluations)", title=f"{title}: time to target, one dot per seed")
-    ax.legend(handles=[Line2D([], [], marker="o", color="grey", ls="none", label="one seed, reached"),
-                       Line2D([], [], marker=">", mfc="none", mec="grey", mew=1.6, ls="none",
-                              label="one seed, censored at its horizon (a lower bound)"),
-                       Line2D([], [], marker="|", ms=12, mew=2, color="black", ls="none", label="geometric mean")],
-              fontsize=8, loc="best")
+                  f" {entry['sustain_k']} evaluations)", title=f"{title}:\ntime to target, one dot per seed")
+    fig.legend(handles=[Line2D([], [], marker="o", color="grey", ls="none", label="one seed, reached"),
+                        Line2D([], [], marker=">", mfc="none", mec="grey", mew=1.6, ls="none",
+                               label="one seed, censored at its horizon (a lower bound)"),
+                        Line2D([], [], marker="|", ms=12, mew=2, color="black", ls="none", label="geometric mean")],
+               fontsize=8, loc="lower center", ncol=3, frameon=False)  # below the axes: no dot under it
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
     path = out / f"{setting}-time-to-target.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -603,8 +604,9 @@ def _setting(setting: str, srs: list[dict[str, Any]], cs: ComparisonSettings, ta
     methods = {n: _method_stats(rs, base, cs.baseline, cs, m_.higher_is_better, eval_size, accuracy)
                for n, rs in runs.items()}
     grid: dict[str, Any] = {}
+    grid_runs: dict[str, list[dict[str, Any]]] = {}
     for name in sorted({r["method"] for r in srs if r["grid_candidate"]}):
-        g = _by_seed([r for r in srs if r["grid_candidate"] and r["method"] == name], say)
+        g = grid_runs[name] = _by_seed([r for r in srs if r["grid_candidate"] and r["method"] == name], say)
         times = [r["sustained"].time_s for r in g]
         fin = [r["final_metric"] for r in g if r["final_metric"] is not None]
         grid[name] = {"seeds": [r["seed"] for r in g], "censored": sum(r["sustained"].censored for r in g),
@@ -620,7 +622,11 @@ def _setting(setting: str, srs: list[dict[str, Any]], cs: ComparisonSettings, ta
         "bootstrap": {"resamples": N_RESAMPLES, "rng_seed": RNG_SEED, "level": 0.95, "interval": "percentile"},
         "notes": notes, "methods": methods, "grid": grid, "plots": [],
     }
-    entry["plots"] = _plots(entry, [r for n in names for r in runs[n]], names, out_dir)
+    if names:
+        entry["plots"] = _plots(entry, [r for n in names for r in runs[n]], names, out_dir)
+    elif grid_runs:  # only a tuning grid (reproduce.py --tuning-only): its candidates are what there is to see
+        entry["plots"] = _plots(dict(entry, methods=grid), [r for n in grid_runs for r in grid_runs[n]], list(grid_runs),
+                                out_dir)
     return entry, _setting_markdown(entry, notes + ([""] if notes else []))
 
 

@@ -248,11 +248,13 @@ def test_fedtune_deploy_three_supernodes_with_tls_survives_a_crashing_client(tmp
     process dies in round 1; the run still finishes:completed (read from Flower)."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a relative --out, as in the README: the ServerApp, which runs from its installed app folder, still
+    # finds the experiment file and writes to the run directory
     proc = subprocess.run(
         [sys.executable, "-m", "fedtune", "deploy", "--config", str(ROOT / "simulations" / "deploy.toml"),
-         "--out", str(out), "--set", 'faults.clients.2="crash"', "--set", "faults.rounds=[1]",
+         "--out", "run", "--set", 'faults.clients.2="crash"', "--set", "faults.rounds=[1]",
          "--set", "federation.round_timeout_s=45"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "(TLS on, SuperNode auth on," in proc.stdout and ": finished:completed" in proc.stdout
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -202,12 +202,16 @@ class LocalDeployment:
             raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr)[-1500:]}")
         return int(json.loads(proc.stdout)["run-id"])
 
-    def status(self, run_id: int) -> str:
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The run as ``flwr ls --run-id`` reports it (``status``, ``status-details``, ...); {} when unknown."""
         proc = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr ls failed: {(proc.stdout + proc.stderr)[-800:]}")
         runs = json.loads(proc.stdout)["runs"]
-        return str(runs[0]["status"]) if runs else "unknown"
+        return dict(runs[0]) if runs else {}
+
+    def status(self, run_id: int) -> str:
+        return str(self.run_info(run_id).get("status", "unknown"))
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -307,7 +311,7 @@ def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool 
     """Start the topology, run ``cfg`` on it, stream its progress, stop everything; returns the run status."""
     n = cfg.federation.num_clients
     work_dir.mkdir(parents=True, exist_ok=True)
-    experiment = work_dir / "experiment.toml"
+    experiment = (work_dir / "experiment.toml").resolve()  # the ServerApp runs from its installed app folder
     experiment.write_text(config_to_toml(cfg))
     dep = LocalDeployment(work_dir, node_specs(cfg, n, worker), tls=tls, auth=auth)
     say(f"[fedtune] deploying on {dep.address}: SuperLink + {n} SuperNodes"
@@ -330,5 +334,6 @@ def deploy(cfg: Any, out: Path, work_dir: Path, *, tls: bool = True, auth: bool 
             if status.startswith("finished"):
                 break
             time.sleep(2.0)
-        say(f"[fedtune] run {run_id}: {status}")
+        details = dep.run_info(run_id).get("status-details", "") if status.startswith("finished:failed") else ""
+        say(f"[fedtune] run {run_id}: {status}" + (f": {details}" if details else ""))
     return status, dep

@@ -110,13 +110,12 @@ def test_comparison_settings_use_rslora_for_every_method():
     sys.path.insert(0, str(ROOT / "simulations"))
     import reproduce
 
-    paths = sorted((ROOT / "simulations" / "fedspine").glob("*.toml"))
-    assert paths
+    paths = sorted((ROOT / "simulations" / "fedspine").glob("**/*.toml"))
+    assert len(paths) >= 4
     for path in paths:
         assert tomllib.loads(path.read_text())["experiment"]["lora"]["rslora"] is True, path.name
         s = reproduce.load_setting(path)
         for m in s["methods"]:
             for name in (list(reproduce.grid(s)) if m == "best-static" else [m]):
-                static = reproduce.grid(s)[name] if name.startswith("static-") else None
-                cfg = config_from_dict(reproduce.method_config(s, name, s["seeds"][0], static))
+                cfg = config_from_dict(reproduce.method_config(s, name, s["seeds"][0], reproduce.static_of(s, name)))
                 assert cfg.lora.rslora is True, (path.name, name)

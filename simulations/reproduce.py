@@ -269,6 +269,21 @@ def best_static(s: dict[str, Any], runs: Path) -> str:
     return min(scored)[1]
 
 
+Job = tuple[dict[str, Any], str, int]  # (setting, method or grid candidate, seed)
+
+
+def plan(settings: list[dict[str, Any]]) -> tuple[list[Job], list[Job]]:
+    """Phase 1: best-static's grid on the tuning seeds. Phase 2: every method on its evaluation seeds, seed by
+    seed (an interrupted reproduction has whole seeds to compare), the methods on every seed first, then those
+    with fewer (``method_seeds``); best-static runs as the grid chose."""
+    tuning = [(s, name, seed) for s in settings if "best-static" in s["methods"]
+              for seed in s["tuning_seeds"] for name in grid(s)]
+    evaluation = sorted(((s, m, seed) for s in settings for seed in s["seeds"] for m in s["methods"]
+                         if seed in seeds_of(s, m)),
+                        key=lambda j: (len(seeds_of(j[0], j[1])) < len(j[0]["seeds"]), j[0]["seeds"].index(j[2])))
+    return tuning, evaluation
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="*", type=Path,
@@ -289,14 +304,7 @@ def main() -> None:
     if args.jobs > 1 and args.ray_address:
         ap.error("--jobs: runs side by side each start their own Ray; leave out --ray-address")
     settings = [load_setting(p) for p in args.settings]
-    # phase 1: best-static's grid on the tuning seeds; phase 2: every method on its evaluation seeds, seed by
-    # seed (an interrupted reproduction has whole seeds to compare), best-static as the grid chose
-    tuning = [(s, name, seed) for s in settings if "best-static" in s["methods"]
-              for seed in s["tuning_seeds"] for name in grid(s)]
-    # the methods on every evaluation seed first (seed by seed), then those with fewer seeds
-    evaluation = sorted(((s, m, seed) for s in settings for seed in s["seeds"] for m in s["methods"]
-                         if seed in seeds_of(s, m)),
-                        key=lambda j: (len(seeds_of(j[0], j[1])) < len(j[0]["seeds"]), j[0]["seeds"].index(j[2])))
+    tuning, evaluation = plan(settings)
     t0 = time.time()
     dirs: list[Path] = []
     chosen: dict[str, str] = {}  # setting -> its best-static grid candidate

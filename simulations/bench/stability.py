@@ -17,6 +17,9 @@ From each run's ``metrics.jsonl`` it reports, per variant:
         [--variants baseline avgm adam-1e-2 cosine-clip batch-32] [--runs-dir DIR] \\
         [--config simulations/default.toml] [--out simulations/results/stability.json]
 
+Beside ``--out`` (a JSON file) it draws ``--out`` with ``.png``: held-out accuracy against round, one panel
+per seed, one line per variant with a band of one standard error of the eval set.
+
 With ``--runs-dir``, runs go to ``DIR/VARIANT-SEED/`` and a finished run whose config matches
 is read instead of run again.
 """
@@ -117,6 +120,36 @@ def summarise(curves: dict[int, list[tuple[int, float]]], base: dict[int, list[t
     return row
 
 
+def plot(out: dict[str, Any], path: Path) -> None:
+    """Held-out accuracy against round, one panel per seed, one line per variant, with the band of one
+    standard error of the eval set around each point (what a swing has to exceed to be more than noise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = [str(s) for s in out["seeds"]]
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5.5 * len(seeds), 3.8), squeeze=False, sharey=True)
+    for ax, seed in zip(axes[0], seeds):
+        for v, row in out["variants"].items():
+            pts = row["eval_accuracy"][seed]
+            r = [x for x, _ in pts]
+            a = [y for _, y in pts]
+            se = [binomial_se(y, out["eval_size"]) for y in a]
+            line, = ax.plot(r, a, marker="o", ms=3, label=v)
+            ax.fill_between(r, [y - s for y, s in zip(a, se)], [y + s for y, s in zip(a, se)],
+                            color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"held-out accuracy (n={out['eval_size']}; band: 1 SE)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{out['config']}: round-to-round stability by variant", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=ROOT / "simulations/default.toml")
@@ -164,10 +197,11 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, args.out.with_suffix(".png"))
     for v, row in out["variants"].items():
         print(f"{v:12s} change {row['mean_abs_change']:.4f} ({row['change_over_se']:.2f} SE)  final "
               f"{row['final_accuracy']:.4f}  diff {row.get('final_diff_vs_baseline', 0.0):+.4f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

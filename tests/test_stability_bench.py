@@ -1,0 +1,49 @@
+"""The stability bench's figures (simulations/bench/stability.py) on hand-made curves: the swing after
+the settling round, its ratio to the eval set's standard error, paired final differences and the plot."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "simulations" / "bench"))
+
+
+def test_swing_counts_only_rounds_after_settling_and_is_scaled_by_the_standard_error():
+    import stability
+
+    curve = [(0, 0.5), (1, 0.41), (2, 0.41), (3, 0.70), (4, 0.80), (5, 0.70)]
+    got = stability.stability(curve, settle=3, n_eval=400)
+    assert got["mean_abs_change"] == pytest.approx(0.10)
+    p = (0.70 + 0.80 + 0.70) / 3
+    assert got["change_over_se"] == pytest.approx(0.10 / math.sqrt(p * (1 - p) / 400))
+    assert math.isnan(stability.stability(curve, settle=5, n_eval=400)["mean_abs_change"])  # one point: no change
+
+
+def test_summary_pairs_each_seed_with_the_baseline_of_the_same_seed():
+    import stability
+
+    base = {0: [(0, 0.5), (1, 0.6), (2, 0.7)], 1: [(0, 0.5), (1, 0.7), (2, 0.8)]}
+    variant = {0: [(0, 0.5), (1, 0.65), (2, 0.75)], 1: [(0, 0.5), (1, 0.7), (2, 0.7)]}
+    row = stability.summarise(variant, base, settle=1, window=2, n_eval=500)
+    assert row["final_accuracy_per_seed"] == [0.7, 0.7]
+    assert row["final_diff_per_seed"] == [pytest.approx(0.05), pytest.approx(-0.05)]
+    lo, hi = row["final_diff_ci95"]
+    assert lo < 0.0 < hi  # one seed up, one down: the interval straddles zero
+    assert "final_diff_vs_baseline" not in stability.summarise(base, None, 1, 2, 500)
+
+
+def test_plot_writes_one_panel_per_seed(tmp_path):
+    import stability
+
+    curves = {0: [(0, 0.48), (1, 0.41), (2, 0.76)], 3: [(0, 0.5), (1, 0.6), (2, 0.7)]}
+    out = {"config": "simulations/default.toml", "seeds": [0, 3], "eval_size": 400,
+           "variants": {"baseline": stability.summarise(curves, None, 1, 2, 400),
+                        "avgm": stability.summarise(curves, curves, 1, 2, 400)}}
+    path = tmp_path / "stability.png"
+    stability.plot(out, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

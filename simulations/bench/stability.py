@@ -55,6 +55,9 @@ VARIANTS: dict[str, list[str]] = {
     "yogi-1e-2": ['federation.server_optimizer="yogi"', "federation.server_lr=0.01"],
     "cosine-clip": ['train.lr_schedule="cosine"', "train.warmup_steps=2", "train.max_grad_norm=1.0"],
     "batch-32": ["train.batch_size=32"],
+    "steps-10": ["train.local_steps=10"],
+    "lr-1e-3": ["train.learning_rate=0.001"],
+    "no-logit-adj": ["train.logit_adjustment=0.0"],
 }
 DEFAULT_VARIANTS = ["baseline", "avgm", "adam-1e-2", "cosine-clip", "batch-32"]
 

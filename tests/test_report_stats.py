@@ -230,6 +230,7 @@ def test_a_tuning_grid_alone_is_reported_and_plotted(tmp_path):
     assert s["grid"]["static-r16"]["censored"] == 1 and s["grid"]["static-r4"]["censored"] == 0
     assert {"s-curves.png", "s-time-to-target.png"} <= set(s["plots"])
     assert (out / "s-time-to-target.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(evaluation seeds none run yet)" in (out / "table.md").read_text()
 
 
 def test_t_interval_uses_students_t_for_the_sample_size():

@@ -375,11 +375,12 @@ def _setting_markdown(entry: dict[str, Any], runs_note: list[str]) -> list[str]:
     methods, base = entry["methods"], entry["baseline"]
     how = ("declared in the setting" if entry["target_declared"]
            else "not declared: set after the runs at the least good method's mean final value")
+    seeds = ", ".join(map(str, entry["seeds"])) or "none run yet"
     lines = [f"## {entry['title']}", "",
              f"Target: {short} {m_.comparator} {fmt(entry['target'])} on the server's held-out set ({how}), reached"
              f" when the running mean of the last {entry['sustain_k']} evaluations gets there; time to target in"
              f" {unit}, a run that never reaches it counts at its horizon (censored: a lower bound of its time)."
-             f" Seeds are paired across methods (evaluation seeds {', '.join(map(str, entry['seeds']))});"
+             f" Seeds are paired across methods (evaluation seeds {seeds});"
              f" speed-up = {base or 'the baseline'}'s time / the method's, per seed: geometric mean"
              f" [95% percentile bootstrap CI over seeds, {N_RESAMPLES:,} resamples]. Final {short}: the mean of a"
              f" run's last {entry['final_window']} evaluations, mean over seeds"

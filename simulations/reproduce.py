@@ -284,7 +284,7 @@ def plan(settings: list[dict[str, Any]]) -> tuple[list[Job], list[Job]]:
     return tuning, evaluation
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="*", type=Path,
                     default=sorted((ROOT / "simulations" / "fedspine").glob("*.toml")))
@@ -298,17 +298,20 @@ def main() -> None:
                     " with its own Ray; 2 on a 2-core machine)")
     ap.add_argument("--ray-address", default="", help="run every simulation on this Ray cluster"
                     " (host:port of `ray start --head`; simulation.ray_address) instead of a fresh local Ray each")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("--jobs: need at least 1")
     if args.jobs > 1 and args.ray_address:
         ap.error("--jobs: runs side by side each start their own Ray; leave out --ray-address")
-    settings = [load_setting(p) for p in args.settings]
+    return args
+
+
+def run_all(settings: list[dict[str, Any]], args: argparse.Namespace) -> list[Path] | None:
+    """Runs the grid on the tuning seeds, names each setting's best static, then runs the evaluation
+    seeds; returns the run folders, or None after ``--tuning-only``'s first phase."""
     tuning, evaluation = plan(settings)
-    t0 = time.time()
     dirs: list[Path] = []
     chosen: dict[str, str] = {}  # setting -> its best-static grid candidate
-
     slots: queue.Queue[int] = queue.Queue()  # side-by-side runs each start Ray in a folder of their own
     for i in range(args.jobs):
         slots.put(i)
@@ -353,9 +356,18 @@ def main() -> None:
                 for s in settings:
                     if "best-static" in s["methods"]:
                         bar.write(f"[reproduce] {s['setting']}: best-static would be {best_static(s, args.runs_dir)}")
-                print(f"[reproduce] {len(dirs)} tuning runs in {time.time() - t0:.0f}s under {args.runs_dir}",
-                      flush=True)
-                return
+                print(f"[reproduce] {len(dirs)} tuning runs under {args.runs_dir}", flush=True)
+                return None
+    return dirs
+
+
+def main() -> None:
+    args = parse_args()
+    settings = [load_setting(p) for p in args.settings]
+    t0 = time.time()
+    dirs = run_all(settings, args)
+    if dirs is None:
+        return
     print(f"[reproduce] {len(dirs)} runs in {time.time() - t0:.0f}s under {args.runs_dir}", flush=True)
     if not args.no_report:
         from fedtune.reporting.comparison import report

@@ -47,3 +47,16 @@ def test_plot_writes_one_panel_per_seed(tmp_path):
     path = tmp_path / "stability.png"
     stability.plot(out, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_defined_variants_collect_their_overrides_and_bad_definitions_are_named():
+    import stability
+
+    table = stability.variant_table(["no-prune=prune.ratio=0.0", "no-prune=train.local_steps=4", "r16=lora.ranks=[16]"])
+    assert table["no-prune"] == ["prune.ratio=0.0", "train.local_steps=4"]
+    assert table["r16"] == ["lora.ranks=[16]"]
+    assert table["lr-1e-3"] == stability.VARIANTS["lr-1e-3"]  # the built-ins stay
+    with pytest.raises(ValueError, match="'no-prune'"):
+        stability.variant_table(["no-prune"])  # no override
+    with pytest.raises(ValueError, match="'baseline'"):
+        stability.variant_table(["baseline=train.local_steps=4"])  # would change what every difference is against

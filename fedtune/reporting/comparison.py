@@ -37,6 +37,7 @@ pruning masks) when a run recorded it, else the unmasked one. Written to the out
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -126,21 +127,8 @@ def run_stats(run_dir: Path, target: float | None = None, prefer_masked: bool = 
     x = (lambda r: float(r[R.SIM_TIME_S])) if simulated else (lambda r: float(r[R.ROUND]))
     horizon = x(records[-1]) if records else 0.0
     higher = metric_named(metric).higher_is_better
-    classes: dict[str, dict[int, list[tuple[int, float]]]] = {}
-    arms: list[tuple[int, str, int, float]] = []  # (round, device class, rank, ratio) a policy played
-    for r in records:
-        for c in r.get(R.CLIENTS, []):
-            if c.get(C.STATUS) == Status.OK and c.get(C.DEVICE):
-                step = c.get(C.ARM, {}).get("ratio", c.get(C.PRUNE_RATIO, 0.0))
-                classes.setdefault(c[C.DEVICE], {}).setdefault(r[R.ROUND], []).append((c.get(C.RANK, 0), step))
-                if c.get(C.ARM):
-                    arm = c[C.ARM]
-                    arms.append((r[R.ROUND], c[C.DEVICE], int(arm.get("rank", c.get(C.RANK, 0))),
-                                 float(arm.get("ratio", 0.0))))
-    cum, bytes_by_round = 0, []
-    for r in records:
-        cum += r.get(R.BYTES_UP, 0) + r.get(R.BYTES_DOWN, 0)
-        bytes_by_round.append(cum)
+    classes, arms = _played(records)
+    bytes_by_round = list(itertools.accumulate(r.get(R.BYTES_UP, 0) + r.get(R.BYTES_DOWN, 0) for r in records))
     curve = [(x(r), float(r[metric])) for r in evals]
     return {
         "run_dir": str(run_dir), "setting": info.get("setting", "runs"),
@@ -167,15 +155,41 @@ def run_stats(run_dir: Path, target: float | None = None, prefer_masked: bool = 
         "client_eval": summary.get("client_eval"),  # the federated evaluate phase's last round, per device class
         "records": records,  # every round's record, for times to other targets
         "curve": curve,
-        "rounds_trace": [{"round": r[R.ROUND],
-                          "rank": _mean([c.get(C.RANK) for c in r.get(R.CLIENTS, []) if c.get(C.STATUS) == Status.OK]),
-                          "sparsity": _mean([c.get(C.PRUNE_RATIO) for c in r.get(R.CLIENTS, [])
-                                             if c.get(C.STATUS) == Status.OK])} for r in records if r[R.ROUND] > 0],
+        "rounds_trace": _rounds_trace(records),
         "bytes_by_round": bytes_by_round,
         "arms": arms,
         "arms_by_class": {k: {rnd: (_mean([a for a, _ in v]), _mean([b for _, b in v])) for rnd, v in sorted(d.items())}
                           for k, d in sorted(classes.items())},
     }
+
+
+def _played(records: list[dict[str, Any]]) -> tuple[dict[str, dict[int, list[tuple[int, float]]]],
+                                                     list[tuple[int, str, int, float]]]:
+    """Per device class and round the (rank, ratio) its clients trained with, and every arm a policy
+    played as (round, device class, rank, ratio)."""
+    classes: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    arms: list[tuple[int, str, int, float]] = []
+    for r in records:
+        for c in r.get(R.CLIENTS, []):
+            if c.get(C.STATUS) == Status.OK and c.get(C.DEVICE):
+                step = c.get(C.ARM, {}).get("ratio", c.get(C.PRUNE_RATIO, 0.0))
+                classes.setdefault(c[C.DEVICE], {}).setdefault(r[R.ROUND], []).append((c.get(C.RANK, 0), step))
+                if c.get(C.ARM):
+                    arm = c[C.ARM]
+                    arms.append((r[R.ROUND], c[C.DEVICE], int(arm.get("rank", c.get(C.RANK, 0))),
+                                 float(arm.get("ratio", 0.0))))
+    return classes, arms
+
+
+def _rounds_trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per training round the mean rank and pruning ratio of the clients that replied."""
+    trace = []
+    for r in records:
+        if r[R.ROUND] > 0:
+            ok = [c for c in r.get(R.CLIENTS, []) if c.get(C.STATUS) == Status.OK]
+            trace.append({"round": r[R.ROUND], "rank": _mean([c.get(C.RANK) for c in ok]),
+                          "sparsity": _mean([c.get(C.PRUNE_RATIO) for c in ok])})
+    return trace
 
 
 def _mean(vals: list[Any]) -> float | None:
@@ -435,21 +449,33 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], out: Path) -> list[str]:
+    """The setting's figures, each a PNG under ``out``; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
-    setting, title, metric, target = entry["setting"], entry["title"], entry["metric"], entry["target"]
-    m_ = metric_named(metric)
-    unit = "simulated time (s)" if entry["time_axis"] == "sim_time_s" else "round"
     style = {m: {"color": plt.get_cmap("tab10")(i % 10), "ls": _STYLES[i % len(_STYLES)],
                  "marker": _MARKERS[i % len(_MARKERS)]} for i, m in enumerate(order)}
     by = {m: [r for r in main if r["method"] == m] for m in order}
-    written = []
+    written = [_plot_curves(entry, by, order, style, out), _plot_time_to_target(entry, by, order, style, out)]
+    arms = _plot_arms(entry, by, order, out)
+    if arms:
+        written.append(arms)
+    written.append(_plot_trajectories(entry, by, order, style, out))
+    return written
 
-    # mean curve with a 95% CI band across seeds, on a common time grid
+
+def _unit(entry: dict[str, Any]) -> str:
+    return "simulated time (s)" if entry["time_axis"] == "sim_time_s" else "round"
+
+
+def _plot_curves(entry: dict[str, Any], by: dict[str, list[dict[str, Any]]], order: list[str],
+                 style: dict[str, dict[str, Any]], out: Path) -> str:
+    """Per method the mean curve with a 95% CI band across seeds, on a common time grid."""
+    import matplotlib.pyplot as plt
+
+    m_ = metric_named(entry["metric"])
     bounded = m_.slug.endswith("accuracy")
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for z, m in enumerate(order):
@@ -466,20 +492,27 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
         wide = (len(order) - z) / len(order)  # drawn first, drawn widest: equal curves stay visible
         ax.plot(grid, mean, color=st["color"], ls=st["ls"], lw=1.4 + 2.2 * wide,
                 zorder=len(order) + z, label=f"{m} (n={n}{'' if n > 1 else ', no band'})")
-    ax.axhline(target, color="grey", ls=(0, (1, 3)), lw=1.2, label=f"target {target:g}")
-    ax.set(xlabel=unit, ylabel=f"held-out {m_.short}",
-           title=f"{title}:\nmean over seeds, 95% CI band")
+    ax.axhline(entry["target"], color="grey", ls=(0, (1, 3)), lw=1.2, label=f"target {entry['target']:g}")
+    ax.set(xlabel=_unit(entry), ylabel=f"held-out {m_.short}",
+           title=f"{entry['title']}:\nmean over seeds, 95% CI band")
     if not m_.higher_is_better:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / f"{setting}-curves.png"
+    path = out / f"{entry['setting']}-curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path.name)
+    return path.name
 
-    # time to target: one dot per seed, censored seeds hollow at their horizon
+
+def _plot_time_to_target(entry: dict[str, Any], by: dict[str, list[dict[str, Any]]], order: list[str],
+                         style: dict[str, dict[str, Any]], out: Path) -> str:
+    """One dot per seed, censored seeds hollow at their horizon, the geometric mean as a bar."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    m_ = metric_named(entry["metric"])
     height = 1.7 + 0.55 * len(order)
     fig, ax = plt.subplots(figsize=(8, height))
     for row, m in enumerate(order):
@@ -497,8 +530,8 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
                     ls="none", zorder=2)  # under the seeds' dots
     ax.set_yticks(range(len(order)), order)
     ax.set_ylim(len(order) - 0.5, -0.5)  # first method on top, every row's dots inside the axes
-    ax.set(xlabel=f"{unit} to target ({m_.short} {m_.comparator} {target:g}, running mean of"
-                  f" {entry['sustain_k']} evaluations)", title=f"{title}:\ntime to target, one dot per seed")
+    ax.set(xlabel=f"{_unit(entry)} to target ({m_.short} {m_.comparator} {entry['target']:g}, running mean of"
+                  f" {entry['sustain_k']} evaluations)", title=f"{entry['title']}:\ntime to target, one dot per seed")
     fig.legend(handles=[Line2D([], [], marker="o", color="grey", ls="none", label="one seed, reached"),
                         Line2D([], [], marker=">", mfc="none", mec="grey", mew=1.6, ls="none",
                                label="one seed, censored at its horizon (a lower bound)"),
@@ -506,35 +539,45 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
                fontsize=8, loc="lower center", ncol=3, frameon=False)  # below the axes: no dot under it
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
-    path = out / f"{setting}-time-to-target.png"
+    path = out / f"{entry['setting']}-time-to-target.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path.name)
+    return path.name
 
-    # arms an adaptive policy chose, per device class (methods whose arms vary)
+
+def _plot_arms(entry: dict[str, Any], by: dict[str, list[dict[str, Any]]], order: list[str], out: Path) -> str | None:
+    """The arms an adaptive policy chose, per device class (up to 4 methods whose arms vary); None if none."""
+    import matplotlib.pyplot as plt
+
     adaptive = [m for m in order if len({(d, rk, ra) for r in by[m] for _, d, rk, ra in r["arms"]})
                 > len({d for r in by[m] for _, d, _, _ in r["arms"]})][:4]
-    if adaptive:
-        fig, axes = plt.subplots(len(adaptive), 2, figsize=(11, 3.4 * len(adaptive)), squeeze=False)
-        for row, m in zip(axes, adaptive):
-            played: dict[str, dict[int, list[tuple[int, float]]]] = {}
-            for r in by[m]:
-                for rnd, d, rk, ra in r["arms"]:
-                    played.setdefault(d, {}).setdefault(rnd, []).append((rk, ra))
-            for j, (cls, per_round) in enumerate(sorted(played.items())):
-                rounds = sorted(per_round)
-                kw = {"ls": _STYLES[j % len(_STYLES)], "marker": _MARKERS[j % len(_MARKERS)], "ms": 4, "label": cls}
-                row[0].plot(rounds, [statistics.fmean(a for a, _ in per_round[k]) for k in rounds], **kw)
-                row[1].plot(rounds, [statistics.fmean(b for _, b in per_round[k]) for k in rounds], **kw)
-            n = len(by[m])
-            row[0].set(xlabel="round", ylabel="LoRA rank r (mean of the class's clients)",
-                       title=f"{m}: rank chosen by device class ({n} seed{'s' if n > 1 else ''})")
-            row[1].set(xlabel="round", ylabel="pruning ratio (fraction of weights)",
-                       title=f"{m}: pruning ratio chosen by device class")
-            row[0].legend(fontsize=8)
-        written.append(_save(fig, axes.ravel(), title, out / f"{setting}-arms.png"))
+    if not adaptive:
+        return None
+    fig, axes = plt.subplots(len(adaptive), 2, figsize=(11, 3.4 * len(adaptive)), squeeze=False)
+    for row, m in zip(axes, adaptive):
+        played: dict[str, dict[int, list[tuple[int, float]]]] = {}
+        for r in by[m]:
+            for rnd, d, rk, ra in r["arms"]:
+                played.setdefault(d, {}).setdefault(rnd, []).append((rk, ra))
+        for j, (cls, per_round) in enumerate(sorted(played.items())):
+            rounds = sorted(per_round)
+            kw = {"ls": _STYLES[j % len(_STYLES)], "marker": _MARKERS[j % len(_MARKERS)], "ms": 4, "label": cls}
+            row[0].plot(rounds, [statistics.fmean(a for a, _ in per_round[k]) for k in rounds], **kw)
+            row[1].plot(rounds, [statistics.fmean(b for _, b in per_round[k]) for k in rounds], **kw)
+        n = len(by[m])
+        row[0].set(xlabel="round", ylabel="LoRA rank r (mean of the class's clients)",
+                   title=f"{m}: rank chosen by device class ({n} seed{'s' if n > 1 else ''})")
+        row[1].set(xlabel="round", ylabel="pruning ratio (fraction of weights)",
+                   title=f"{m}: pruning ratio chosen by device class")
+        row[0].legend(fontsize=8)
+    return _save(fig, axes.ravel(), entry["title"], out / f"{entry['setting']}-arms.png")
 
-    # sparsity, rank and bytes by round, mean over seeds
+
+def _plot_trajectories(entry: dict[str, Any], by: dict[str, list[dict[str, Any]]], order: list[str],
+                       style: dict[str, dict[str, Any]], out: Path) -> str:
+    """Sparsity, rank and bytes sent by round, mean over seeds."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for i, m in enumerate(order):
         rs = [r for r in by[m] if r["rounds_trace"]]
@@ -555,8 +598,7 @@ def _plots(entry: dict[str, Any], main: list[dict[str, Any]], order: list[str], 
     axes[1].set(xlabel="round", ylabel="LoRA rank r", title="mean LoRA rank of the round's clients")
     axes[2].set(xlabel="round", ylabel="MB sent (up + down), cumulative", title="bytes sent")
     axes[0].legend(fontsize=8)
-    written.append(_save(fig, axes, f"{title} (mean over seeds)", out / f"{setting}-trajectories.png"))
-    return written
+    return _save(fig, axes, f"{entry['title']} (mean over seeds)", out / f"{entry['setting']}-trajectories.png")
 
 
 def _save(fig: Any, axes: Any, title: str, path: Path) -> str:

@@ -22,6 +22,13 @@ per seed, one line per variant with a band of one standard error of the eval set
 
 With ``--runs-dir``, runs go to ``DIR/VARIANT-SEED/`` and a finished run whose config matches
 is read instead of run again.
+
+``--define NAME=OVERRIDE`` adds a variant of this invocation (repeat it for several overrides of one
+variant), for A/B runs on another experiment, e.g. a comparison setting's static run without pruning::
+
+    .venv/bin/python simulations/bench/stability.py --config RUN/experiment.toml --seeds 100 101 \\
+        --rounds 8 --settle 3 --final-window 5 --variants baseline lr-1e-3 no-prune \\
+        --define 'no-prune=policy.args.arms={jetson-tx2=[0.0,16],jetson-xavier-nx=[0.0,16],jetson-agx-xavier=[0.0,16]}'
 """
 
 from __future__ import annotations
@@ -158,14 +165,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=ROOT / "simulations/default.toml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS),
-                   help="variants to run (baseline is always run: the paired differences need it)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help=f"variants to run, of {', '.join(sorted(VARIANTS))} and those --define adds (baseline is"
+                   " always run: the paired differences need it)")
+    p.add_argument("--define", action="append", default=[], metavar="NAME=OVERRIDE",
+                   help="a variant NAME with the config override OVERRIDE (repeat for more overrides of NAME)")
     p.add_argument("--settle", type=int, default=3, help="round after which round-to-round changes count")
     p.add_argument("--final-window", type=int, default=3, help="evaluations averaged into the final accuracy")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config overrides for every variant")
     p.add_argument("--out", type=Path, default=ROOT / "simulations/results/stability.json")
     p.add_argument("--runs-dir", type=Path, help="keep the runs here (VARIANT-SEED/); a finished one is read, not rerun")
-    return p.parse_args()
+    args = p.parse_args()
+    try:
+        args.variant_sets = variant_table(args.define)
+    except ValueError as e:
+        p.error(str(e))
+    unknown = [v for v in args.variants if v not in args.variant_sets]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(map(repr, unknown))}; known: {', '.join(sorted(args.variant_sets))}")
+    return args
+
+
+def variant_table(defines: list[str]) -> dict[str, list[str]]:
+    """The built-in variants plus those ``--define NAME=OVERRIDE`` adds (an override is a ``--set`` value)."""
+    table = {k: list(v) for k, v in VARIANTS.items()}
+    added: dict[str, list[str]] = {}
+    for d in defines:
+        name, sep, override = d.partition("=")
+        name = name.strip()
+        if not sep or not name or "=" not in override:
+            raise ValueError(f"--define {d!r}: expected NAME=KEY=VALUE, e.g. no-prune=prune.ratio=0.0")
+        if name in VARIANTS:
+            raise ValueError(f"--define {name!r}: a built-in variant of that name exists")
+        added.setdefault(name, []).append(override)
+    return {**table, **added}
 
 
 def main() -> None:
@@ -182,7 +215,7 @@ def main() -> None:
         runs_dir = args.runs_dir or Path(tmp)
         for seed in args.seeds:
             for v in variants:
-                sets = [f"seed={seed}", f"federation.num_rounds={args.rounds}", *args.extra, *VARIANTS[v]]
+                sets = [f"seed={seed}", f"federation.num_rounds={args.rounds}", *args.extra, *args.variant_sets[v]]
                 records, wall = run(args.config, sets, runs_dir / f"{v}-{seed}")
                 curves[v][seed] = accuracy_by_round(records)
                 walls[v].append(wall)
@@ -193,7 +226,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "config": source, "rounds": args.rounds, "seeds": args.seeds, "eval_size": cfg.data.eval_size,
         "settle": args.settle, "final_window": args.final_window,
-        "variants": {v: {"overrides": VARIANTS[v], "wall_s": walls[v],
+        "variants": {v: {"overrides": args.variant_sets[v], "wall_s": walls[v],
                          **summarise(curves[v], None if v == "baseline" else curves["baseline"], args.settle,
                                      args.final_window, cfg.data.eval_size)}
                      for v in variants},

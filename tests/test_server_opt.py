@@ -16,7 +16,7 @@ from fedtune.core.config import ConfigError, TrainConfig, config_from_dict
 from fedtune.core.protocol import TrainMetrics
 from fedtune.lora.factors import ClientUpdate, GlobalAdapter
 from fedtune.lora.records import factors_to_record, record_to_state, state_to_record
-from fedtune.training.local import _before_step, lr_factor
+from fedtune.training.local import _before_step, local_optimizer, lr_factor, rank_learning_rate
 from strategies import FlexLoRA, HetLoRA
 from strategies.flexlora import aggregate_flexlora
 from strategies.server_opt import ServerOptimizer, update_space
@@ -221,7 +221,9 @@ def test_bad_server_optimizer_settings_name_the_key(key, value):
         config_from_dict({"federation": {key: value}})
 
 
-@pytest.mark.parametrize(("key", "value"), [("lr_schedule", "step"), ("warmup_steps", -1), ("max_grad_norm", -1.0)])
+@pytest.mark.parametrize(("key", "value"), [("lr_schedule", "step"), ("warmup_steps", -1), ("max_grad_norm", -1.0),
+                                            ("optimizer", "lion"), ("momentum", 1.0), ("momentum", -0.1),
+                                            ("adam_eps", 0.0), ("lr_reference_rank", -4)])
 def test_bad_train_schedule_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"train\.{key}"):
         config_from_dict({"train": {key: value}})
@@ -294,3 +296,74 @@ def test_local_training_steps_with_clipped_gradients_and_the_scheduled_rate():
     assert all(n <= 0.01 * (1 + 1e-5) for _, n in tuned_steps)
     module = next(iter(r_plain.factors))
     assert not torch.equal(r_plain.factors[module][1], r_tuned.factors[module][1])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_sgd_steps_in_proportion_to_the_gradient_and_adamw_does_not(name):
+    """The reason train.optimizer exists: a client whose loss is already near zero has a tiny gradient;
+    SGD then barely moves it, while AdamW's per-coordinate normalisation takes a full-size step."""
+    steps = []
+    for scale in (1.0, 1e-3):
+        p = torch.nn.Parameter(torch.zeros(8))
+        p.grad = torch.linspace(-1.0, 1.0, 8) * scale
+        opt = local_optimizer([p], TrainConfig(optimizer=name, learning_rate=0.1))
+        opt.step()
+        steps.append(float(p.detach().abs().sum()))
+    if name == "sgd":
+        assert steps[1] == pytest.approx(steps[0] * 1e-3)
+    else:
+        assert steps[1] == pytest.approx(steps[0], rel=1e-3)
+
+
+def test_a_larger_adam_epsilon_shrinks_the_steps_of_tiny_gradients_only():
+    steps = {}
+    for eps in (1e-8, 1e-5):
+        for scale in (1.0, 1e-4):
+            p = torch.nn.Parameter(torch.zeros(4))
+            p.grad = torch.full((4,), 1e-2 * scale)
+            local_optimizer([p], TrainConfig(learning_rate=0.1, adam_eps=eps)).step()
+            steps[eps, scale] = float(p.detach().abs().max())
+    assert steps[1e-8, 1e-4] == pytest.approx(steps[1e-8, 1.0], rel=0.02)  # default: a 1e-6 gradient takes a full step
+    assert steps[1e-5, 1.0] == pytest.approx(steps[1e-8, 1.0], rel=0.01)  # a gradient far above eps is unaffected
+    assert steps[1e-5, 1e-4] < 0.1 * steps[1e-5, 1.0]  # one far below it: lr * g / (g + eps)
+
+
+def test_the_reference_rank_scales_the_rate_by_the_root_of_the_rank_ratio_and_the_schedule_follows():
+    cfg = TrainConfig(learning_rate=2e-3, lr_reference_rank=4)
+    assert rank_learning_rate(cfg, 16) == pytest.approx(1e-3)
+    assert rank_learning_rate(cfg, 4) == pytest.approx(2e-3)
+    assert rank_learning_rate(TrainConfig(learning_rate=2e-3), 16) == 2e-3  # off by default
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    sched = TrainConfig(learning_rate=2e-3, lr_reference_rank=4, lr_schedule="linear")
+    opt = local_optimizer([p], sched, rank=16)
+    _before_step(opt, SimpleNamespace(train=sched), 5, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)  # the rank's rate, then the schedule's factor
+
+
+def test_local_training_uses_the_configured_optimizer():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fedtune.data.batching import tokenize
+    from fedtune.data.partition import cached_federated_data
+    from fedtune.models.loading import cached_base_model
+    from fedtune.training.local import head_state, lora_shapes, train_local
+
+    cfg = config_from_dict({"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]},
+                            "data": {"partitioner": "iid", "eval_size": 64, "max_examples": 200},
+                            "train": {"local_steps": 2, "batch_size": 8, "learning_rate": 0.05, "optimizer": "sgd",
+                                      "momentum": 0.9, "lr_reference_rank": 8}, "federation": {"num_clients": 2}})
+    base = cached_base_model(cfg.model, cfg.seed)
+    fed = cached_federated_data(cfg.data, cfg.model.task, 2, cfg.seed, cfg.model.num_labels)
+    part = tokenize(fed.partition(0), base.tokenizer, cfg.model.task, cfg.model.max_length)
+    strat = HetLoRA(cfg)
+    payload = strat.client_payload(strat.initial_state(lora_shapes(base, cfg), head_state(base)), 0, 2)
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(
+        (type(opt).__name__, opt.param_groups[0]["momentum"], opt.param_groups[0]["lr"])))
+    try:
+        result = train_local(base, payload, 2, part, cfg, seed=5)
+    finally:
+        handle.remove()
+    assert seen == [("SGD", 0.9, pytest.approx(0.1))] * 2  # rank 2 against reference rank 8: twice the rate
+    assert any(float(b.abs().sum()) > 0 for _, b in result.factors.values())  # B starts at zero: SGD moved it

@@ -80,7 +80,8 @@ class LoraSettings:
     dropout: float = 0.0  # peft lora_dropout on the adapter input, in [0, 1)
     target_modules: list[str] = field(default_factory=list)  # [] = per architecture (query/value, q_proj/v_proj)
     # rank-stabilised scale alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023; peft's use_rslora) instead of
-    # alpha / r, so clients of different ranks take steps of comparable size
+    # alpha / r, so a higher rank keeps learning instead of slowing down; under AdamW the adapter's
+    # per-step change then grows about as sqrt(r): pair it with train.lr_reference_rank
     rslora: bool = False
 
     def __post_init__(self) -> None:
@@ -151,8 +152,17 @@ class DataConfig:
 class TrainConfig:
     local_steps: int = 20  # optimizer steps per client per round
     batch_size: int = 16  # training examples per local step
-    learning_rate: float = 2e-3  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
+    learning_rate: float = 2e-3  # the local optimizer's learning rate
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD) weight decay
+    # the clients' local optimizer: "adamw" normalises every coordinate's step, so a client whose
+    # loss is already near zero (a one-class client under logit adjustment) still takes full-size
+    # steps; "sgd" steps in proportion to the gradient (FedAvg's and FedOpt's client optimizer)
+    optimizer: str = "adamw"
+    momentum: float = 0.0  # SGD momentum (reset every round with the optimizer); ignored by adamw
+    adam_eps: float = 1e-8  # AdamW's epsilon: coordinates whose gradient is far below it take steps in proportion to it
+    # > 0: a client training at rank r uses learning_rate * sqrt(lr_reference_rank / r), which keeps the
+    # per-step change of an rsLoRA adapter (alpha / sqrt(r)) under AdamW about equal across ranks; 0 = off
+    lr_reference_rank: int = 0
     eval_batch_size: int = 64  # examples per batch in evaluation
     num_threads: int = 1  # torch threads per client (match simulation.num_cpus_per_client)
     logit_adjustment: float = 1.0  # classification: tau of the local label-prior logit adjustment; 0 = off
@@ -182,6 +192,11 @@ class TrainConfig:
         _one_of("train.loss_on", self.loss_on, ("response", "all"))
         _positive("train.learning_rate", self.learning_rate)
         _non_negative("train.weight_decay", self.weight_decay)
+        _one_of("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive("train.adam_eps", self.adam_eps)
+        _non_negative("train.lr_reference_rank", self.lr_reference_rank)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"train.momentum: must be in [0, 1), got {self.momentum}")
 
 
 @dataclass(frozen=True)

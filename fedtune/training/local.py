@@ -125,13 +125,36 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return 1.0
 
 
+def rank_learning_rate(train: Any, rank: int) -> float:
+    """``train.learning_rate``, scaled by ``sqrt(train.lr_reference_rank / rank)`` when that is set."""
+    if train.lr_reference_rank > 0:
+        return train.learning_rate * math.sqrt(train.lr_reference_rank / rank)
+    return train.learning_rate
+
+
+def local_optimizer(params: Any, train: Any, rank: int = 0) -> torch.optim.Optimizer:
+    """The round's local optimizer (``train.optimizer``), fresh every round: AdamW with
+    ``train.adam_eps``, or SGD with ``train.momentum``; its rate is :func:`rank_learning_rate`'s for
+    ``rank`` (each parameter group keeps it as ``base_lr``, which the schedule scales)."""
+    lr = rank_learning_rate(train, rank) if rank > 0 else train.learning_rate
+    if train.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=train.momentum,
+                                                     weight_decay=train.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, eps=train.adam_eps, weight_decay=train.weight_decay)
+    for group in opt.param_groups:
+        group["base_lr"] = lr
+    return opt
+
+
 def _before_step(opt: torch.optim.Optimizer, cfg: TrainerSettings, step: int, total: int) -> None:
     """The step's learning rate (``train.lr_schedule``, ``train.warmup_steps``) and gradient clipping
     (``train.max_grad_norm``, over all trainable parameters); neither touches anything by default."""
     train = cfg.train
     if train.lr_schedule != "constant" or train.warmup_steps > 0:
         for group in opt.param_groups:
-            group["lr"] = train.learning_rate * lr_factor(step, total, train.lr_schedule, train.warmup_steps)
+            group["lr"] = group.get("base_lr", train.learning_rate) * lr_factor(step, total, train.lr_schedule,
+                                                                                 train.warmup_steps)
     if train.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], train.max_grad_norm)
 
@@ -191,8 +214,7 @@ def train_local(base: BaseModel, state: GlobalAdapter, rank: int, data: Tokenize
     n_steps = steps or cfg.train.local_steps
     pruner = None
     try:
-        opt = torch.optim.AdamW(_trainable(inner, base, train_a), lr=cfg.train.learning_rate,
-                                weight_decay=cfg.train.weight_decay)
+        opt = local_optimizer(_trainable(inner, base, train_a), cfg.train, rank)
         if prune is not None or masks is not None:
             pruner = PruneAndTune(inner, lora_layers(peft_model), model_structure(inner),
                                   prune or PruneSpec(target=0.0), n_steps, masks=masks, scores=scores, seed=seed)

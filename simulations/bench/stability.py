@@ -65,6 +65,8 @@ VARIANTS: dict[str, list[str]] = {
     "steps-10": ["train.local_steps=10"],
     "lr-1e-3": ["train.learning_rate=0.001"],
     "no-logit-adj": ["train.logit_adjustment=0.0"],
+    "adam-eps-1e-6": ["train.adam_eps=1e-6"],
+    "adam-eps-1e-5": ["train.adam_eps=1e-5"],
 }
 DEFAULT_VARIANTS = ["baseline", "avgm", "adam-1e-2", "cosine-clip", "batch-32"]
 

@@ -1,5 +1,6 @@
 """The stability bench's figures (simulations/bench/stability.py) on hand-made curves: the swing after
-the settling round, its ratio to the eval set's standard error, paired final differences and the plot."""
+the settling round, its ratio to the eval set's standard error, paired final differences and the plot;
+and the client-gradient bench's update norm (simulations/bench/client_gradients.py)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,14 @@ def test_defined_variants_collect_their_overrides_and_bad_definitions_are_named(
         stability.variant_table(["no-prune"])  # no override
     with pytest.raises(ValueError, match="'baseline'"):
         stability.variant_table(["baseline=train.local_steps=4"])  # would change what every difference is against
+
+
+def test_client_gradients_update_norm_covers_factors_and_head():
+    from types import SimpleNamespace
+
+    import client_gradients
+    import torch
+
+    start = SimpleNamespace(adapter={"q": (torch.zeros(2, 3), torch.zeros(4, 2))}, head={"w": torch.ones(2)})
+    result = SimpleNamespace(factors={"q": (torch.full((2, 3), 1.0), torch.zeros(4, 2))}, head={"w": torch.ones(2) * 3})
+    assert client_gradients.update_norm(start, result) == pytest.approx(math.sqrt(6 * 1.0 + 2 * 4.0))

@@ -16,7 +16,12 @@ from fedtune.core.config import ConfigError, TrainConfig, config_from_dict
 from fedtune.core.protocol import TrainMetrics
 from fedtune.lora.factors import ClientUpdate, GlobalAdapter
 from fedtune.lora.records import factors_to_record, record_to_state, state_to_record
-from fedtune.training.local import _before_step, local_optimizer, lr_factor, rank_learning_rate
+from fedtune.training.local import (
+    _before_step,
+    local_optimizer,
+    lr_factor,
+    rank_learning_rate,
+)
 from strategies import FlexLoRA, HetLoRA
 from strategies.flexlora import aggregate_flexlora
 from strategies.server_opt import ServerOptimizer, update_space
@@ -259,25 +264,34 @@ def test_clipping_bounds_the_gradient_norm_and_the_schedule_sets_the_rate(gen):
     assert all(torch.equal(p.grad, b) for p, b in zip(untouched, before)) and opt2.param_groups[0]["lr"] == 0.01
 
 
-def test_local_training_steps_with_clipped_gradients_and_the_scheduled_rate():
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
+TINY = {"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]},
+        "data": {"partitioner": "iid", "eval_size": 64, "max_examples": 200}, "federation": {"num_clients": 2}}
 
+
+def tiny_client(cfg):
+    """tiny-bert, client 0's tokenised data and a rank-2 payload of the initial global adapter."""
     from fedtune.data.batching import tokenize
     from fedtune.data.partition import cached_federated_data
     from fedtune.models.loading import cached_base_model
-    from fedtune.training.local import head_state, lora_shapes, train_local
+    from fedtune.training.local import head_state, lora_shapes
 
-    table = {"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]},
-             "data": {"partitioner": "iid", "eval_size": 64, "max_examples": 200},
-             "train": {"local_steps": 4, "batch_size": 8, "learning_rate": 5e-3}, "federation": {"num_clients": 2}}
+    base = cached_base_model(cfg.model, cfg.seed)
+    fed = cached_federated_data(cfg.data, cfg.model.task, 2, cfg.seed, cfg.model.num_labels)
+    part = tokenize(fed.partition(0), base.tokenizer, cfg.model.task, cfg.model.max_length)
+    strat = HetLoRA(cfg)
+    return base, part, strat.client_payload(strat.initial_state(lora_shapes(base, cfg), head_state(base)), 0, 2)
+
+
+def test_local_training_steps_with_clipped_gradients_and_the_scheduled_rate():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fedtune.training.local import train_local
+
+    table = {**TINY, "train": {"local_steps": 4, "batch_size": 8, "learning_rate": 5e-3}}
     plain = config_from_dict(table)
     tuned = config_from_dict({**table, "train": {**table["train"], "lr_schedule": "linear", "warmup_steps": 1,
                                                  "max_grad_norm": 0.01}})
-    base = cached_base_model(plain.model, plain.seed)
-    fed = cached_federated_data(plain.data, plain.model.task, 2, plain.seed, plain.model.num_labels)
-    part = tokenize(fed.partition(0), base.tokenizer, plain.model.task, plain.model.max_length)
-    strat = HetLoRA(plain)
-    payload = strat.client_payload(strat.initial_state(lora_shapes(base, plain), head_state(base)), 0, 2)
+    base, part, payload = tiny_client(plain)
     seen = []
 
     def record(opt, args, kwargs):
@@ -344,20 +358,11 @@ def test_the_reference_rank_scales_the_rate_by_the_root_of_the_rank_ratio_and_th
 def test_local_training_uses_the_configured_optimizer():
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from fedtune.data.batching import tokenize
-    from fedtune.data.partition import cached_federated_data
-    from fedtune.models.loading import cached_base_model
-    from fedtune.training.local import head_state, lora_shapes, train_local
+    from fedtune.training.local import train_local
 
-    cfg = config_from_dict({"model": {"name": "tiny-bert", "max_length": 32}, "lora": {"ranks": [2]},
-                            "data": {"partitioner": "iid", "eval_size": 64, "max_examples": 200},
-                            "train": {"local_steps": 2, "batch_size": 8, "learning_rate": 0.05, "optimizer": "sgd",
-                                      "momentum": 0.9, "lr_reference_rank": 8}, "federation": {"num_clients": 2}})
-    base = cached_base_model(cfg.model, cfg.seed)
-    fed = cached_federated_data(cfg.data, cfg.model.task, 2, cfg.seed, cfg.model.num_labels)
-    part = tokenize(fed.partition(0), base.tokenizer, cfg.model.task, cfg.model.max_length)
-    strat = HetLoRA(cfg)
-    payload = strat.client_payload(strat.initial_state(lora_shapes(base, cfg), head_state(base)), 0, 2)
+    cfg = config_from_dict({**TINY, "train": {"local_steps": 2, "batch_size": 8, "learning_rate": 0.05,
+                                              "optimizer": "sgd", "momentum": 0.9, "lr_reference_rank": 8}})
+    base, part, payload = tiny_client(cfg)
     seen = []
     handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(
         (type(opt).__name__, opt.param_groups[0]["momentum"], opt.param_groups[0]["lr"])))

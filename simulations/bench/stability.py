@@ -156,7 +156,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"held-out accuracy (n={out['eval_size']}; band: 1 SE)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{out['config']}: round-to-round stability by variant", fontsize=10)
+    fig.suptitle(f"{out.get('title') or out['config']}: round-to-round stability by variant", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -175,6 +175,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--settle", type=int, default=3, help="round after which round-to-round changes count")
     p.add_argument("--final-window", type=int, default=3, help="evaluations averaged into the final accuracy")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config overrides for every variant")
+    p.add_argument("--title", default="", help="the plot's title (default: the config's path)")
     p.add_argument("--out", type=Path, default=ROOT / "simulations/results/stability.json")
     p.add_argument("--runs-dir", type=Path, help="keep the runs here (VARIANT-SEED/); a finished one is read, not rerun")
     args = p.parse_args()
@@ -226,7 +227,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "command": "python simulations/bench/stability.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "config": source, "rounds": args.rounds, "seeds": args.seeds, "eval_size": cfg.data.eval_size,
+        "config": source, "title": args.title, "rounds": args.rounds, "seeds": args.seeds, "eval_size": cfg.data.eval_size,
         "settle": args.settle, "final_window": args.final_window,
         "variants": {v: {"overrides": args.variant_sets[v], "wall_s": walls[v],
                          **summarise(curves[v], None if v == "baseline" else curves["baseline"], args.settle,

@@ -67,6 +67,7 @@ VARIANTS: dict[str, list[str]] = {
     "no-logit-adj": ["train.logit_adjustment=0.0"],
     "adam-eps-1e-6": ["train.adam_eps=1e-6"],
     "adam-eps-1e-5": ["train.adam_eps=1e-5"],
+    "adam-eps-1e-4": ["train.adam_eps=1e-4"],
 }
 DEFAULT_VARIANTS = ["baseline", "avgm", "adam-1e-2", "cosine-clip", "batch-32"]
 

@@ -356,7 +356,6 @@ def run_all(settings: list[dict[str, Any]], args: argparse.Namespace) -> list[Pa
                 for s in settings:
                     if "best-static" in s["methods"]:
                         bar.write(f"[reproduce] {s['setting']}: best-static would be {best_static(s, args.runs_dir)}")
-                print(f"[reproduce] {len(dirs)} tuning runs under {args.runs_dir}", flush=True)
                 return None
     return dirs
 
@@ -367,6 +366,8 @@ def main() -> None:
     t0 = time.time()
     dirs = run_all(settings, args)
     if dirs is None:
+        print(f"[reproduce] {len(plan(settings)[0])} tuning runs in {time.time() - t0:.0f}s under {args.runs_dir}",
+              flush=True)
         return
     print(f"[reproduce] {len(dirs)} runs in {time.time() - t0:.0f}s under {args.runs_dir}", flush=True)
     if not args.no_report:

@@ -72,3 +72,16 @@ def test_client_gradients_update_norm_covers_factors_and_head():
     start = SimpleNamespace(adapter={"q": (torch.zeros(2, 3), torch.zeros(4, 2))}, head={"w": torch.ones(2)})
     result = SimpleNamespace(factors={"q": (torch.full((2, 3), 1.0), torch.zeros(4, 2))}, head={"w": torch.ones(2) * 3})
     assert client_gradients.update_norm(start, result) == pytest.approx(math.sqrt(6 * 1.0 + 2 * 4.0))
+
+
+def test_client_gradients_summary_compares_medians_of_one_class_and_mixed_clients():
+    import client_gradients
+
+    rows = [{"majority_share": 1.0, "grad_rms": 1e-5, "update_norm_eps_1e-08": 1.5},
+            {"majority_share": 0.995, "grad_rms": 3e-5, "update_norm_eps_1e-08": 1.7},
+            {"majority_share": 0.95, "grad_rms": 9.0, "update_norm_eps_1e-08": 99.0},  # in neither group
+            {"majority_share": 0.6, "grad_rms": 2e-3, "update_norm_eps_1e-08": 1.6}]
+    got = client_gradients.summarise(rows, [1e-8])
+    assert got["grad_rms_ratio_mixed_over_one_class"] == pytest.approx(2e-3 / 2e-5)
+    assert got["update_ratio_one_class_over_mixed_eps_1e-08"] == pytest.approx(1.6 / 1.6)
+    assert client_gradients.summarise(rows[3:], [1e-8]) == {}  # no one-class client: nothing to compare

@@ -67,9 +67,6 @@ def load_setting(path: Path) -> dict[str, Any]:
     for key in REQUIRED:
         if key not in s:
             raise SystemExit(f"reproduce: {path}: missing key {key!r}")
-    unknown = sorted(set(s["methods"]) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"reproduce: {path}: methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
     devices = s["experiment"].get("fleet", {}).get("devices", {})
     missing = sorted(set(devices) - set(s["class_ranks"]))
     if missing:
@@ -100,6 +97,10 @@ def load_setting(path: Path) -> dict[str, Any]:
     bad = sorted(set(s.get("grid_schedules", ["at-once"])) - set(SCHEDULES))
     if bad:
         raise SystemExit(f"reproduce: {path}: grid_schedules: unknown schedule {bad[0]!r} (known: {', '.join(SCHEDULES)})")
+    unknown = sorted(set(s["methods"]) - set(METHODS) - set(grid(s)))
+    if unknown:  # a grid candidate (e.g. static-r4) may also run on the evaluation seeds, as a method of its own
+        raise SystemExit(f"reproduce: {path}: methods: unknown method {unknown[0]!r}"
+                         f" (known: {', '.join(METHODS)}, or one of best-static's grid: {', '.join(grid(s))})")
 
     if "static-by-class" in s["methods"]:
         s["datasheet_arms"] = datasheet_arms(s)
@@ -319,8 +320,8 @@ def run_all(settings: list[dict[str, Any]], args: argparse.Namespace) -> list[Pa
     def job(s: dict[str, Any], m: str, seed: int, bar: Any) -> Path:
         meta: dict[str, Any] = {}
         static = static_of(s, m)
-        if m.startswith("static-r"):
-            meta = {"grid_candidate": True, "static": static}
+        if m.startswith("static-r"):  # on a tuning seed a grid candidate; on an evaluation seed a method
+            meta = {"grid_candidate": seed in s.get("tuning_seeds", []), "static": static}
         elif m == "best-static":
             static = grid(s)[chosen[s["setting"]]]
             meta = {"chosen": chosen[s["setting"]], "static": static}

@@ -74,10 +74,11 @@ def test_hidden_fleet_setting_runs_the_cost_aware_bandit_datasheet_static_and_a_
     assert reproduce.seeds_of(s, "cost-ucb") == reproduce.seeds_of(s, "best-static") == [0, 1, 2, 3, 4]
     assert reproduce.seeds_of(s, "hetlora") == [0] and reproduce.seeds_of(s, "static-by-class") == [0]
     tuning, evaluation = reproduce.plan([s])
-    assert len(tuning) == 4 * 2 and {seed for _, _, seed in tuning} == {100, 101}
+    assert len(tuning) == 4 * 3 and {seed for _, _, seed in tuning} == {100, 101, 102}
     order = [(m, seed) for _, m, seed in evaluation]
-    assert order[:3] == [("cost-ucb", 0), ("fedspine", 0), ("best-static", 0)]  # every-seed methods, seed by seed
-    assert order.index(("best-static", 4)) < order.index(("hetlora", 0)) and len(order) == 3 * 5 + 5 * 1
+    # every-seed methods (the bandits, the best static, and rank 4 at once as a method of its own), seed by seed
+    assert order[:4] == [("cost-ucb", 0), ("fedspine", 0), ("best-static", 0), ("static-r4", 0)]
+    assert order.index(("static-r4", 4)) < order.index(("hetlora", 0)) and len(order) == 4 * 5 + 5 * 1
 
 
 @pytest.mark.parametrize("old,new,message", [
@@ -217,3 +218,35 @@ def test_a_failed_run_stops_the_side_by_side_runs_not_yet_started(tmp_path, monk
     assert [m for m, _, _ in started[:2]] == ["static-r2", "static-r4"]
     assert all(seed != 1 for _, seed, _ in started), started
     assert {t for _, _, t in started} <= {f"/tmp/fedtune-ray-{os.getpid()}-0", f"/tmp/fedtune-ray-{os.getpid()}-1"}
+
+
+def test_a_grid_candidate_named_as_a_method_runs_on_the_evaluation_seeds_as_a_method(tmp_path, monkeypatch):
+    import reproduce
+
+    text = (ROOT / "simulations" / "reproduce_smoke.toml").read_text()
+    assert 'methods = ["fedspine"' in text
+    path = tmp_path / "smoke.toml"
+    path.write_text(text.replace('methods = ["fedspine"', 'methods = ["static-r4", "fedspine"'))
+    s = reproduce.load_setting(path)
+    tuning, evaluation = reproduce.plan([s])
+    assert {seed for _, m, seed in tuning if m == "static-r4"} == set(s["tuning_seeds"])
+    assert {seed for _, m, seed in evaluation if m == "static-r4"} == set(s["seeds"])
+    metas = {}
+
+    def fake_run_one(s, method, seed, runs, cfg, meta, log, ray_address="", ray_tmpdir=""):
+        metas[(method, seed)] = meta
+        return runs / method / f"seed{seed}"
+
+    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
+    monkeypatch.setattr(reproduce, "best_static", lambda s, runs: "static-r2")
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--settings", str(path), "--runs-dir", str(tmp_path / "runs"),
+                                      "--no-report"])
+    reproduce.main()
+    # a grid candidate on the tuning seeds (best-static's choice), a method of its own on the evaluation seeds
+    assert all(metas[("static-r4", seed)]["grid_candidate"] for seed in s["tuning_seeds"])
+    assert not any(metas[("static-r4", seed)]["grid_candidate"] for seed in s["seeds"])
+    assert metas[("best-static", s["seeds"][0])]["chosen"] == "static-r2"
+    # a name neither a method nor in the grid is an error that lists both
+    path.write_text(text.replace('methods = ["fedspine"', 'methods = ["static-r32", "fedspine"'))
+    with pytest.raises(SystemExit, match="unknown method 'static-r32'.*best-static's grid: static-r2, static-r4"):
+        reproduce.load_setting(path)
